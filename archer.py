@@ -1,0 +1,654 @@
+"""ArCHer in one file: hierarchical multi-turn RL for language-model agents.
+
+Implements Zhou, Zanette, Pan, Levine, Kumar, "ArCHer: Training Language Model Agents via
+Hierarchical Multi-Turn RL" (2024, arXiv 2402.19446). Two RL problems at two time scales:
+
+  * utterance level: an off-policy double critic Q(s, a), V(s) over whole utterances, trained
+    by temporal differences from a replay buffer (turns are the time steps: horizon ~20);
+  * token level: the language model (the actor) trained by a policy gradient inside each
+    utterance, with the critic's advantage A = min Q - min V as the utterance's reward.
+
+Read top to bottom: config -> models -> token plumbing -> critic -> replay buffer -> rollouts
+-> losses -> evaluation -> warm start -> checkpoints -> training loop.
+
+Deliberate deviations from the paper and its reference code (each explained where it happens):
+  1. Log-probs are those of the token ids that were sampled, at the sampling temperature,
+     with position ids that follow left padding (the reference code re-tokenizes the decoded
+     text, ignores temperature and pads on the right).
+  2. Losses are means, not sums over accumulation steps, so learning rates are per step.
+  3. Advantages are normalized per batch (mean 0, std 1); raw ones made tiny actors collapse.
+  4. The critic reads the state and the utterance together (one encoder pass over "state +
+     utterance") instead of embedding them separately and concatenating.
+  5. The warm start is behaviour cloning on the game's scripted demonstrator (stands in for
+     the paper's SFT checkpoint), and its dialogues seed the replay buffer.
+  6. Evaluation is on a fixed held-out set: every secret of the game once.
+  7. The built-in "tiny" models (a 4-layer GPT-2, a 2-layer BERT) train on a laptop CPU.
+
+Quick start (CPU, no download):   python archer.py --env twentyq_subset
+Paper setting (GPU):              python archer.py --env twentyq --model gpt2 --critic roberta-base
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+
+
+# ----------------------------------------------------------------------------------------
+# Config: one dataclass; every field becomes a command-line flag (--field-name).
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    env: str = field(default="twentyq_subset", metadata={"help": "game: " + ", ".join(envs.ENV_NAMES)})
+    model: str = field(default="tiny", metadata={"help": "actor: 'tiny' (built in) or a hub name / local directory of a causal LM"})
+    critic: str = field(default="tiny", metadata={"help": "critic encoder: 'tiny' or a hub name / local directory of an encoder"})
+    seed: int = field(default=1, metadata={"help": "seeds python, numpy, torch and the games"})
+    iterations: int = field(default=60, metadata={"help": "outer iterations (rollouts, then critic and actor steps)"})
+    out: str = field(default="runs/archer", metadata={"help": "run directory: metrics.jsonl and checkpoint.pt"})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt (or the warm start) and exit"})
+    # warm start (behaviour cloning on the game's demonstrator)
+    bc_games: int = field(default=2000, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
+    bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps"})
+    bc_lr: float = field(default=1e-3, metadata={"help": "behaviour-cloning learning rate"})
+    # rollouts
+    games: int = field(default=32, metadata={"help": "games played in parallel per iteration"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and fresh actions"})
+    max_new_tokens: int = field(default=24, metadata={"help": "cap on the tokens of one utterance"})
+    # ArCHer
+    buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity in transitions (paper: 10k)"})
+    batch_size: int = field(default=64, metadata={"help": "transitions per critic or actor step"})
+    critic_steps: int = field(default=10, metadata={"help": "critic steps per iteration"})
+    actor_steps: int = field(default=2, metadata={"help": "actor steps per iteration"})
+    warmup_iters: int = field(default=5, metadata={"help": "iterations of critic-only training before the actor moves"})
+    critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
+    actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
+    gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
+    tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out set every N iterations"})
+
+
+def parse_args(argv=None) -> Args:
+    """Turn the dataclass into argparse flags; booleans become store_true switches."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return Args(**vars(p.parse_args(argv)))
+
+
+def fail(msg: str):
+    """A user mistake: one clear line on stderr and exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Models: the built-in tiny ones are real transformers models built from small configs, so
+# the hub path (from_pretrained) and the tiny path meet the same code everywhere below.
+# ----------------------------------------------------------------------------------------
+def build_tiny_tokenizer(env):
+    """A byte-level BPE tokenizer trained on the game's own text.
+
+    Byte-level means every string is encodable (unknown characters fall back to bytes), and
+    training on the game's questions and answers makes most words a single token, so an
+    utterance is ~5 tokens and a whole 20-turn dialogue fits in ~150.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(env.corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+def load_actor(name: str, env):
+    """Return (causal LM, tokenizer). 'tiny' builds a 4-layer, 128-wide GPT-2 (~0.9M params)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if name == "tiny":
+        tok = build_tiny_tokenizer(env)
+        # Dropout 0: generation and the loss must see the same distribution (the loss assumes
+        # the log-probs of the policy that sampled), and RL on a tiny model needs no dropout.
+        cfg = GPT2Config(vocab_size=len(tok), n_layer=4, n_embd=128, n_head=4, n_positions=512,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=tok.pad_token_id, eos_token_id=tok.pad_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            fail(f"could not load actor model '{name}' ({str(e).splitlines()[0]}); "
+                 "without network access use --model tiny or a local directory")
+    if tok.pad_token is None:  # GPT-2 / Llama ship without one; any id works, it is masked out
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends on the right, so prompts pad on the left
+    tok.truncation_side = "left"  # a too-long dialogue loses its oldest turns, not the newest
+    return model, tok
+
+
+def load_critic_encoder(name: str, env, actor_tok):
+    """Return (encoder, tokenizer). 'tiny' is a 2-layer, 64-wide BERT on the actor's tokenizer."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    if name == "tiny":
+        tok = copy.deepcopy(actor_tok)
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=256, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        encoder = BertModel(cfg, add_pooling_layer=False)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            encoder = AutoModel.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            fail(f"could not load critic model '{name}' ({str(e).splitlines()[0]}); "
+                 "without network access use --critic tiny or a local directory")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # an encoder attends both ways: the padding side does not matter
+    tok.truncation_side = "left"
+    return encoder, tok
+
+
+# ----------------------------------------------------------------------------------------
+# Token plumbing: sampling and the log-probs of what was sampled. The three bugs of the
+# reference code live here (re-tokenized text, ignored temperature, right padding).
+# ----------------------------------------------------------------------------------------
+class Policy:
+    """The actor with its tokenizer and the facts about its vocabulary that sampling needs."""
+
+    def __init__(self, model, tok, max_new_tokens: int):
+        self.model, self.tok, self.max_new_tokens = model, tok, max_new_tokens
+        vocab = len(tok)
+        # A token "ends the utterance" if its text contains a newline ("\n", "\n\n", ".\n", ...).
+        texts = tok.batch_decode([[i] for i in range(vocab)])
+        self.stop = torch.tensor(["\n" in t for t in texts])
+        # Special tokens (pad, eos, bos...) are never sampled: an utterance is plain text.
+        self.banned = torch.zeros(vocab, dtype=torch.bool)
+        self.banned[[i for i in tok.all_special_ids if i < vocab]] = True
+        # Leave room for the utterance inside the model's context window.
+        ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+        self.max_prompt = ctx - max_new_tokens
+
+    def scores(self, logits, temperature: float):
+        """Logits -> the scores actually sampled from: special tokens banned, then temperature.
+
+        The same function feeds sampling and the loss, so the loss's distribution is exactly
+        the sampler's. float32 so log_softmax is accurate even under bf16 weights.
+        """
+        logits = logits.float().masked_fill(self.banned.to(logits.device), float("-inf"))
+        return logits / max(temperature, 1e-6)
+
+    def encode(self, states):
+        """Left-padded prompt ids and mask, (B, P)."""
+        enc = self.tok(list(states), return_tensors="pt", padding=True, truncation=True,
+                       max_length=self.max_prompt, add_special_tokens=False)
+        dev = self.model.device
+        return enc.input_ids.to(dev), enc.attention_mask.to(dev)
+
+    @torch.no_grad()
+    def sample(self, states, temperature: float = 1.0, greedy: bool = False):
+        """Sample one utterance per state with a key/value cache.
+
+        Returns (texts, prompt_ids (B, P), prompt_mask (B, P), action_ids (B, T), action_mask (B, T)).
+        action_ids are the sampled ids themselves, newline token included (it ends the
+        utterance and its probability is part of the action's); the text is cut before it.
+        """
+        ids, mask = self.encode(states)
+        B, dev = ids.shape[0], ids.device
+        # Under left padding the first real token must sit at position 0, not at the padding's
+        # length: positions count real tokens only.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits, next_pos = out.cache, out.logits[:, -1], pos[:, -1:] + 1
+        stop, pad = self.stop.to(dev), self.tok.pad_token_id
+        gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
+        alive = torch.ones(B, dtype=torch.bool, device=dev)
+        attn = mask
+        for t in range(self.max_new_tokens):
+            s = self.scores(logits, temperature)
+            nxt = s.argmax(-1) if greedy else torch.multinomial(F.softmax(s, -1), 1).squeeze(-1)
+            gen[:, t] = torch.where(alive, nxt, pad)
+            alive &= ~stop[nxt]
+            if not alive.any():
+                break
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                             cache=cache, use_cache=True)
+            cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
+        gen = gen[:, : t + 1]
+        # Action mask: every token up to and including the first stop token (all of them if the
+        # utterance hit max_new_tokens without ending).
+        is_stop = stop[gen] & (gen != pad)
+        ended_before = (is_stop.cumsum(-1) - is_stop.long()) > 0
+        amask = (~ended_before).long()
+        texts = [self.tok.decode(g[m.bool()], skip_special_tokens=True).split("\n")[0].strip()
+                 for g, m in zip(gen, amask)]
+        return texts, ids, mask, gen, amask
+
+
+def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0):
+    """sum_t log pi(a_t | s, a_<t) over each utterance's tokens, with gradient. Shape (B,).
+
+    prompt (B, P) left-padded, action (B, T) right-padded: [pad pad s1 s2 s3 | a1 a2 \\n pad].
+    The logits at position i predict token i+1, so positions P-1 .. P+T-2 score the action.
+    Prompt and padding are excluded by the mask; masked with `where`, not a product, because
+    a banned pad id has log-prob -inf and -inf * 0 is NaN.
+    """
+    ids = torch.cat([prompt_ids, action_ids], 1)
+    mask = torch.cat([prompt_mask, action_mask], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    T = action_ids.shape[1]
+    # Only the last T + 1 positions need the (vocabulary-sized) output layer.
+    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
+    logp = F.log_softmax(policy.scores(logits[:, :-1], temperature), -1)  # (B, T, V)
+    tok_logp = logp.gather(-1, action_ids[..., None]).squeeze(-1)  # (B, T)
+    return torch.where(action_mask.bool(), tok_logp, torch.zeros_like(tok_logp)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Critic: an encoder with four heads, Q1, Q2 on (state, utterance) and V1, V2 on the state.
+# ----------------------------------------------------------------------------------------
+class Critic(nn.Module):
+    def __init__(self, encoder, tok, max_len: int = 512):
+        super().__init__()
+        self.encoder, self.tok = encoder, tok
+        self.max_len = min(max_len, getattr(encoder.config, "max_position_embeddings", max_len))
+        h = encoder.config.hidden_size  # head size from the encoder's config, never hard-coded
+
+        def head():
+            return nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+
+        self.q1, self.q2, self.v1, self.v2 = head(), head(), head(), head()
+
+    def embed(self, texts):
+        """Mean of the encoder's last hidden states over real tokens: (B, H)."""
+        enc = self.tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_len)
+        enc = {k: v.to(self.encoder.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        hidden = self.encoder(**enc).last_hidden_state  # (B, L, H)
+        m = enc["attention_mask"][..., None].to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1)
+
+    def q(self, states, actions):
+        """Q1, Q2 (each (B,)). Deviation 4: one pass over the state followed by the utterance,
+        so attention can relate the question to the answers already in the dialogue (e.g. it
+        was asked before), which a tiny encoder learns much faster than from two pooled vectors."""
+        x = self.embed([s + a + "\n" for s, a in zip(states, actions)])
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def v(self, states):
+        """V1, V2 (each (B,))."""
+        x = self.embed(states)
+        return self.v1(x).squeeze(-1), self.v2(x).squeeze(-1)
+
+
+@torch.no_grad()
+def polyak(target: nn.Module, online: nn.Module, tau: float):
+    """target <- (1 - tau) * target + tau * online, for every parameter (encoder included)."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o, tau)
+
+
+# ----------------------------------------------------------------------------------------
+# Replay buffer of utterance-level transitions (s, a, r, s', done): a ring of fixed capacity.
+# ----------------------------------------------------------------------------------------
+class ReplayBuffer:
+    def __init__(self, capacity: int):
+        self.capacity, self.data, self.next = capacity, [], 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def add(self, transition):
+        if len(self.data) < self.capacity:
+            self.data.append(transition)
+        else:  # full: overwrite the oldest
+            self.data[self.next] = transition
+        self.next = (self.next + 1) % self.capacity
+
+    def sample(self, n: int, rng: random.Random):
+        """n transitions drawn uniformly with replacement, as columns: states, actions,
+        rewards (n,), next_states, dones (n,)."""
+        batch = [self.data[rng.randrange(len(self.data))] for _ in range(n)]
+        s, a, r, s2, d = zip(*batch)
+        return list(s), list(a), torch.tensor(r, dtype=torch.float32), list(s2), torch.tensor(d, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
+# ----------------------------------------------------------------------------------------
+def play(policy: Policy, games, secrets, temperature=1.0, greedy=False):
+    """Play len(games) games to the end. Returns one list of transitions
+    (state, utterance, reward, next_state, done) per game."""
+    states = [g.reset(secret=s) for g, s in zip(games, secrets)]
+    trajs = [[] for _ in games]
+    live = list(range(len(games)))
+    while live:
+        texts = policy.sample([states[i] for i in live], temperature, greedy)[0]
+        still = []
+        for i, text in zip(live, texts):
+            nxt, r, done = games[i].step(text)
+            trajs[i].append((states[i], text, float(r), nxt, bool(done)))
+            states[i] = nxt
+            if not done:
+                still.append(i)
+        live = still
+    return trajs
+
+
+def summarize(trajs):
+    """Success (the games give reward 0 on the winning turn, -1 otherwise), return, turns."""
+    return {"success": float(np.mean([t[-1][2] == 0 for t in trajs])),
+            "return": float(np.mean([sum(x[2] for x in t) for t in trajs])),
+            "turns": float(np.mean([len(t) for t in trajs]))}
+
+
+# ----------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------
+def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: float):
+    """TD losses of ArCHer's double critic on one batch; returns (loss, stats).
+
+    Q_i(s, a)  -> r + gamma * (1 - done) * Vbar_i(s')          (Vbar: the target critic)
+    V_i(s)     -> min(Qbar_1, Qbar_2)(s, a~),  a~ ~ pi(.|s) sampled fresh
+    Q head i regresses on target V head i (as the reference code), which keeps the two
+    Q heads independent estimates; V regresses on the min of the target Qs (clipped double Q)
+    because V feeds the actor's advantage, and an overestimated Q is what a policy gradient
+    exploits. V's target uses a fresh action so V tracks the current policy, not the
+    behaviour policy that filled the buffer. A game that hits its 20-turn limit counts as
+    terminal (done = 1), as in the original: a simplification, since the state does not
+    say how many turns are left to a critic that cannot count lines.
+    """
+    s, a, r, s2, d = batch
+    dev = next(critic.parameters()).device
+    r, d = r.to(dev), d.to(dev)
+    with torch.no_grad():
+        tv1, tv2 = target.v(s2)
+        y1, y2 = r + gamma * (1 - d) * tv1, r + gamma * (1 - d) * tv2  # (B,)
+        tq1, tq2 = target.q(s, fresh_actions)
+        yv = torch.minimum(tq1, tq2)
+    q1, q2 = critic.q(s, a)
+    v1, v2 = critic.v(s)
+    loss = F.mse_loss(q1, y1) + F.mse_loss(q2, y2) + F.mse_loss(v1, yv) + F.mse_loss(v2, yv)
+    stats = {"q_mean": torch.minimum(q1, q2).mean().item(), "v_mean": torch.minimum(v1, v2).mean().item()}
+    return loss, stats
+
+
+def advantage(critic: Critic, states, actions):
+    """A(s, a) = min(Q1, Q2)(s, a) - min(V1, V2)(s), no gradient. Shape (B,)."""
+    with torch.no_grad():
+        q1, q2 = critic.q(states, actions)
+        v1, v2 = critic.v(states)
+        return torch.minimum(q1, q2) - torch.minimum(v1, v2)
+
+
+def actor_loss(logp, adv):
+    """-mean(A_norm * sum_t log pi(a_t | ...)): REINFORCE inside the utterance, with the critic's
+    advantage as its terminal reward. No PPO ratio or clipping: the actions are sampled fresh
+    from the current policy for every step, so the gradient is on-policy.
+
+    Deviation 3: A is normalized per batch. The raw advantage of an uncalibrated critic is
+    small and biased; its scale would set the effective step size, and a too-large step makes
+    a small actor collapse into utterances the game does not understand.
+    """
+    a = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
+    return -(a * logp).mean()
+
+
+def clipped_step(opt, params, loss, max_norm: float):
+    """One optimizer step on this network's parameters only (fresh gradients, clipped)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on the fixed held-out set: every secret of the game once.
+# ----------------------------------------------------------------------------------------
+def evaluate(policy: Policy, name: str, seed: int, temperature: float):
+    """Greedy and sampled play over every secret. Sampling uses its own seeded generator
+    state so that evaluating does not change the training run's random stream."""
+    game = envs.make_env(name, seed=seed)
+    secrets = list(game.secrets)
+    games = [envs.make_env(name, seed=seed) for _ in secrets]
+    greedy = summarize(play(policy, games, secrets, greedy=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sampled = summarize(play(policy, games, secrets, temperature))
+    return {"eval_success": greedy["success"], "eval_return": greedy["return"], "eval_turns": greedy["turns"],
+            "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}
+
+
+# ----------------------------------------------------------------------------------------
+# Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
+# ----------------------------------------------------------------------------------------
+def demonstrations(name: str, n: int, seed: int):
+    """n dialogues of the game's scripted demonstrator, as lists of transitions."""
+    rng = random.Random(seed)
+    game = envs.make_env(name, seed=seed)
+    return [envs.play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
+
+
+def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
+    """Maximize log pi(utterance + newline | state) on demonstrator transitions (token mean)."""
+    pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=args.bc_lr, weight_decay=0.0)
+    bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False)
+    for step in bar:
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
+        pids, pmask = policy.encode([s for s, _ in batch])
+        enc = policy.tok([a + "\n" for _, a in batch], return_tensors="pt", padding="longest",
+                         add_special_tokens=False, padding_side="right")
+        aids, amask = enc.input_ids.to(pids.device), enc.attention_mask.to(pids.device)
+        loss = -sequence_logprobs(policy, pids, pmask, aids, amask).sum() / amask.sum()
+        # A short linear warm-up then cosine decay: from-scratch tiny models need the large lr
+        # early and a small one late to settle on the state-dependent choices.
+        for g in opt.param_groups:
+            g["lr"] = args.bc_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.bc_steps))
+        clipped_step(opt, policy.model.parameters(), loss, args.grad_clip)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: everything that affects the future, written atomically.
+# ----------------------------------------------------------------------------------------
+def save_checkpoint(path, state: dict):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+def rng_states(rng: random.Random):
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "trainer": rng.getstate()}
+
+
+def set_rng_states(st, rng: random.Random):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    rng.setstate(st["trainer"])
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------
+def train(args: Args):
+    """Warm start, then ArCHer iterations. Returns (policy, critic, list of metric dicts)."""
+    if args.env not in envs.ENV_NAMES:
+        fail(f"unknown game '{args.env}'; choose one of: {', '.join(envs.ENV_NAMES)}")
+    seed_everything(args.seed)
+    rng = random.Random(args.seed)  # the trainer's own stream: secrets and buffer sampling
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    env0 = envs.make_env(args.env, seed=args.seed)
+
+    model, tok = load_actor(args.model, env0)
+    policy = Policy(model.to(dev), tok, args.max_new_tokens)
+    encoder, ctok = load_critic_encoder(args.critic, env0, tok)
+    critic = Critic(encoder, ctok).to(dev)
+    target = copy.deepcopy(critic)  # the only model copy: the critic's target
+    for p in target.parameters():
+        p.requires_grad_(False)
+    actor_opt = torch.optim.Adam(policy.model.parameters(), lr=args.actor_lr)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    buffer = ReplayBuffer(args.buffer_size)
+    log = []
+    start_it, env_steps = 0, 0
+    n_actor = sum(p.numel() for p in policy.model.parameters())
+    n_critic = sum(p.numel() for p in critic.parameters())
+    print(f"actor {args.model}: {n_actor / 1e6:.2f}M params | critic {args.critic}: {n_critic / 1e6:.2f}M params | device {dev}")
+
+    if (args.resume or args.eval_only) and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        policy.model.load_state_dict(ck["actor"])
+        critic.load_state_dict(ck["critic"])
+        target.load_state_dict(ck["target"])
+        actor_opt.load_state_dict(ck["actor_opt"])
+        critic_opt.load_state_dict(ck["critic_opt"])
+        buffer.data, buffer.next = ck["buffer"], ck["buffer_next"]
+        start_it, env_steps, log = ck["iteration"] + 1, ck["env_steps"], ck["log"]
+        set_rng_states(ck["rng"], rng)
+        print(f"resumed from {ckpt_path} at iteration {start_it}")
+    elif args.resume:
+        fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start fresh")
+
+    if args.eval_only:
+        ev = evaluate(policy, args.env, args.seed, args.temperature)
+        print(json.dumps(ev))
+        return policy, critic, log + [ev]
+
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if start_it == 0:
+        # Warm start: clone the demonstrator, and seed the replay buffer with its dialogues
+        # (the critic's first targets then come from real, if suboptimal, play).
+        t0 = time.time()
+        demos = demonstrations(args.env, args.bc_games, args.seed + 1)
+        for traj in demos:
+            for tr in traj:
+                buffer.add(tr)
+        bc_loss = behaviour_clone(policy, demos, args, rng)
+        warm = {"iteration": -1, "env_steps": 0, "bc_loss": bc_loss, "seconds": time.time() - t0,
+                "demo_return": summarize(demos)["return"], "demo_success": summarize(demos)["success"]}
+        warm.update(evaluate(policy, args.env, args.seed, args.temperature))
+        log = [warm]
+        with open(metrics_path, "w") as f:
+            f.write(json.dumps(warm) + "\n")
+        print(f"warm start: bc_loss {bc_loss:.3f} | demonstrator success {warm['demo_success']:.0%} "
+              f"return {warm['demo_return']:.2f} | greedy success {warm['eval_success']:.0%} return "
+              f"{warm['eval_return']:.2f} | sampled success {warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
+
+    games = [envs.make_env(args.env, seed=args.seed * 1000 + i) for i in range(args.games)]
+    bar = tqdm(range(start_it, args.iterations), desc="ArCHer", initial=start_it, total=args.iterations)
+    for it in bar:
+        t0 = time.time()
+        m = {"iteration": it}
+        # 1. Rollouts with the current policy, sampled at the training temperature.
+        policy.model.eval()
+        trajs = play(policy, games, [rng.choice(games[0].secrets) for _ in games], args.temperature)
+        for traj in trajs:
+            for tr in traj:
+                buffer.add(tr)
+        env_steps += sum(len(t) for t in trajs)
+        roll = summarize(trajs)
+        m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"],
+                 invalid=float(np.mean([x[3].endswith("Invalid question.\n") for t in trajs for x in t])))
+
+        # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
+        # sampled in one batched call (the policy does not change during critic steps).
+        batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
+        fresh = policy.sample([s for b in batches for s in b[0]], args.temperature)[0]
+        c_losses, c_stats = [], []
+        for k, batch in enumerate(batches):
+            a_fresh = fresh[k * args.batch_size : (k + 1) * args.batch_size]
+            loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
+            clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
+            polyak(target, critic, args.tau)
+            c_losses.append(loss.item())
+            c_stats.append(st)
+        m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
+                 v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
+
+        # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
+        # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
+        a_losses, advs = [], []
+        if it >= args.warmup_iters:
+            for _ in range(args.actor_steps):
+                states = buffer.sample(args.batch_size, rng)[0]
+                texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
+                adv = advantage(critic, states, texts)
+                policy.model.train()
+                logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
+                loss = actor_loss(logp, adv)
+                clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                policy.model.eval()
+                a_losses.append(loss.item())
+                advs.append(adv.mean().item())
+        m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
+                 advantage_mean=float(np.mean(advs)) if advs else None)
+
+        # 4. Held-out evaluation, metrics, checkpoint.
+        last = it == args.iterations - 1
+        if (it + 1) % args.eval_every == 0 or last:
+            m.update(evaluate(policy, args.env, args.seed, args.temperature))
+        m["seconds"] = time.time() - t0
+        log.append(m)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
+                f"{m['train_success']:4.0%} invalid {m['invalid']:4.0%} | critic {m['critic_loss']:.3f} "
+                f"q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}")
+        if "eval_success" in m:
+            line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
+        tqdm.write(line + f" | {m['seconds']:.1f}s")
+        save_checkpoint(ckpt_path, {
+            "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
+            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "buffer": buffer.data, "buffer_next": buffer.next, "iteration": it, "env_steps": env_steps,
+            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args)})
+    final = next((m for m in reversed(log) if "eval_success" in m), {})
+    if final:
+        print(f"final evaluation ({args.env}, {len(envs.make_env(args.env).secrets)} held-out secrets): greedy success "
+              f"{final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f}; "
+              f"sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
+    return policy, critic, log
+
+
+if __name__ == "__main__":
+    train(parse_args())
