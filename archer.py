@@ -112,33 +112,37 @@ def seed_everything(seed: int):
 # the hub path (from_pretrained) and the tiny path meet the same code everywhere below.
 # ----------------------------------------------------------------------------------------
 def build_tiny_tokenizer(env):
-    """A byte-level BPE tokenizer trained on the game's own text.
+    """A byte-level BPE tokenizer trained on the game's own text, phrase by phrase.
 
-    Byte-level means every string is encodable (unknown characters fall back to bytes), and
-    training on the game's questions and answers makes most words a single token, so an
-    utterance is ~5 tokens and a whole 20-turn dialogue fits in ~150.
+    The text is split into phrases before BPE ("Is it a dog?", " No.", "\n"), not into words,
+    and the vocabulary is large enough for every phrase of the game to become one token. A
+    question the game knows is then a single token plus the newline, and a 20-turn dialogue
+    is ~60 tokens: a 2-layer model can see at a glance which questions were asked and what
+    the answers were, which it fails to learn in minutes when questions are 6 word-tokens.
+    Byte-level: any other text (a misspelt question, another game's) still encodes, byte by byte.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    phrases = pre_tokenizers.Split(Regex(r"[^?\n]*\?|[^?\n]+|\n"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([phrases, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<pad>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(env.corpus(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
 def load_actor(name: str, env):
-    """Return (causal LM, tokenizer). 'tiny' builds a 4-layer, 128-wide GPT-2 (~0.9M params)."""
+    """Return (causal LM, tokenizer). 'tiny' builds a 2-layer, 64-wide GPT-2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     if name == "tiny":
         tok = build_tiny_tokenizer(env)
         # Dropout 0: generation and the loss must see the same distribution (the loss assumes
         # the log-probs of the policy that sampled), and RL on a tiny model needs no dropout.
-        cfg = GPT2Config(vocab_size=len(tok), n_layer=4, n_embd=128, n_head=4, n_positions=512,
+        cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=4, n_positions=512,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          bos_token_id=tok.pad_token_id, eos_token_id=tok.pad_token_id)
         model = GPT2LMHeadModel(cfg)
@@ -291,13 +295,27 @@ class Critic(nn.Module):
 
         self.q1, self.q2, self.v1, self.v2 = head(), head(), head(), head()
 
+    @torch.no_grad()
+    def start_pessimistic(self, value: float):
+        """Start every head at `value` (the worst return the game allows). A fresh critic says ~0
+        for everything, and 0 is optimistic when every reward is -1: the actor would chase
+        utterances the critic has never seen (gibberish) because their unfitted Q beats the
+        fitted ones. Started at the worst case, the unknown looks bad until data says otherwise."""
+        for h in (self.q1, self.q2, self.v1, self.v2):
+            h[-1].bias.fill_(value)
+
     def embed(self, texts):
-        """Mean of the encoder's last hidden states over real tokens: (B, H)."""
+        """The encoder's last hidden state at each text's final real token: (B, H).
+
+        The final token is the utterance's end in Q's input and the newest turn's end in V's:
+        it attends to the whole text, and unlike a mean over ~30 tokens it is not dominated
+        by the state when the utterance is 2 tokens of it.
+        """
         enc = self.tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_len)
-        enc = {k: v.to(self.encoder.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        hidden = self.encoder(**enc).last_hidden_state  # (B, L, H)
-        m = enc["attention_mask"][..., None].to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1)
+        ids, mask = enc["input_ids"].to(self.encoder.device), enc["attention_mask"].to(self.encoder.device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H), right-padded
+        last = mask.sum(1) - 1  # index of the final real token
+        return hidden[torch.arange(len(last), device=last.device), last]
 
     def q(self, states, actions):
         """Q1, Q2 (each (B,)). Deviation 4: one pass over the state followed by the utterance,
@@ -563,6 +581,9 @@ def train(args: Args):
         for traj in demos:
             for tr in traj:
                 buffer.add(tr)
+        r_min = min(tr[2] for traj in demos for tr in traj)
+        critic.start_pessimistic(min(r_min, 0.0) / (1 - args.gamma))
+        target.load_state_dict(critic.state_dict())
         bc_loss = behaviour_clone(policy, demos, args, rng)
         warm = {"iteration": -1, "env_steps": 0, "bc_loss": bc_loss, "seconds": time.time() - t0,
                 "demo_return": summarize(demos)["return"], "demo_success": summarize(demos)["success"]}

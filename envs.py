@@ -1,0 +1,379 @@
+"""Text games for ArCHer with rule-based oracles: no model download, no GPU, microseconds a step.
+
+  twentyq         Twenty Questions on the 157 objects of the original game (LMRL-Gym / ArCHer)
+  twentyq_subset  the same game on 10 objects (the paper's sample-efficiency setting)
+  guess_my_city   find a secret city among 91 by yes/no and open questions
+
+The protocol every game follows (archer.py needs nothing else):
+  reset(secret=None) -> state        a new game; state = "Questions:\\n" + one line per turn
+  step(utterance) -> (state, reward, done)   reward -1 per turn, 0 on the winning turn
+  secrets, questions                 the held-out evaluation set (every secret once), the bank
+  demonstrator(rng), reference(rng)  a weak and a strong scripted player's next utterance
+  corpus()                           the game's text, to build a tokenizer from
+
+The oracles are dictionaries: every question the game understands maps to its answer for each
+secret, so answering is one lookup, and a question it does not understand gets
+"Invalid question." rather than a guessed Yes/No (the original's flan-t5 oracle guessed).
+
+    python envs.py twentyq                       # play: you ask, the oracle answers
+    python envs.py twentyq --demo reference      # watch the information-gain player
+"""
+import argparse
+import csv
+import math
+import os
+import random
+import re
+import sys
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ENV_NAMES = ("twentyq", "twentyq_subset", "guess_my_city")
+HEADER = "Questions:\n"
+YES, NO, INVALID = "Yes.", "No.", "Invalid question."
+MAX_CHARS = 300  # a longer utterance is cut: the state must stay readable and bounded
+SUBSET = ["football", "dog", "banana", "truck", "pants", "computer", "piano", "chair", "pen", "scissors"]
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation and the articles a/an/the dropped, single spaces:
+    'Is it a Pair of Scissors?' and 'is it pair of scissors' are the same question."""
+    words = re.sub(r"[^a-z0-9']+", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+def clean(utterance: str) -> str:
+    """The first line of an utterance, whitespace collapsed, cut to MAX_CHARS."""
+    line = (utterance or "").split("\n")[0]
+    return " ".join(line.split())[:MAX_CHARS]
+
+
+class KnowledgeGame:
+    """A guessing game over a table of secrets and the answers to every question it knows.
+
+    oracle: normalized phrasing -> canonical question; answers: canonical question ->
+    {secret: answer}; names: normalized name (synonyms included) -> secret.
+    """
+
+    max_turns = 20
+
+    def __init__(self, name, secrets, names, questions, answers, oracle, guess_format, seed,
+                 p_random, p_guess, least_informative):
+        self.name, self.secrets, self.names = name, list(secrets), names
+        self.answers, self.oracle = answers, oracle
+        self.guess_format = guess_format  # secret -> the canonical guess "Is it a dog?"
+        # The bank: questions whose answer differs between some secrets (the oracle understands
+        # the others too, but they can never help), then one guess per secret.
+        informative = [q for q in questions if len(set(answers[q].values())) > 1]
+        self.questions = informative + [guess_format(s) for s in self.secrets]
+        self.rng = random.Random(seed)
+        # The demonstrator's habits (see demonstrator()).
+        self.p_random, self.p_guess, self.least_informative = p_random, p_guess, least_informative
+        self.done, self.turn, self.state, self.secret, self.history = True, 0, HEADER, None, []
+
+    # ---- the game ---------------------------------------------------------------------
+    def reset(self, secret=None):
+        if secret is not None and secret not in self.secrets:
+            raise ValueError(f"unknown secret {secret!r} for {self.name}")
+        self.secret = secret if secret is not None else self.rng.choice(self.secrets)
+        self.done, self.turn, self.state, self.history = False, 0, HEADER, []
+        return self.state
+
+    def parse(self, utterance: str):
+        """('question', canonical) | ('guess', secret) | ('invalid', None)."""
+        key = normalize(utterance)
+        if key in self.oracle:
+            return "question", self.oracle[key]
+        m = re.fullmatch(r"(?:is it|it is|is it city of|is city) (.+)", key)
+        if m and m.group(1) in self.names:
+            return "guess", self.names[m.group(1)]
+        return "invalid", None
+
+    def step(self, utterance: str):
+        if self.done:
+            raise RuntimeError(f"this {self.name} game is over; call reset() to start a new one")
+        question = clean(utterance)
+        kind, what = self.parse(question)
+        reward = -1.0
+        if kind == "question":
+            answer = self.answers[what][self.secret]
+        elif kind == "guess":
+            answer = YES if what == self.secret else NO
+            if what == self.secret:
+                reward, self.done = 0.0, True
+        else:
+            answer = INVALID
+        self.history.append((kind, what, answer))
+        self.turn += 1
+        self.done = self.done or self.turn >= self.max_turns
+        self.state += f"{question} {answer}\n"
+        return self.state, reward, self.done
+
+    @property
+    def won(self):
+        return bool(self.history) and self.history[-1][0] == "guess" and self.history[-1][2] == YES
+
+    # ---- players (they read only the public dialogue, never self.secret) --------------------
+    def consistent(self):
+        """The secrets that agree with every answer given so far."""
+        alive = []
+        for s in self.secrets:
+            ok = True
+            for kind, what, answer in self.history:
+                if (kind == "question" and self.answers[what][s] != answer) or (kind == "guess" and what == s):
+                    ok = False
+                    break
+            if ok:
+                alive.append(s)
+        return alive
+
+    def _splits(self, alive):
+        """(entropy of the answer partition over `alive`, question) for questions that split it."""
+        out = []
+        for q, ans in self.answers.items():
+            counts = {}
+            for s in alive:
+                counts[ans[s]] = counts.get(ans[s], 0) + 1
+            if len(counts) > 1:
+                n = len(alive)
+                out.append((-sum(c / n * math.log2(c / n) for c in counts.values()), q))
+        return out
+
+    def demonstrator(self, rng: random.Random) -> str:
+        """A weak but state-dependent player, for behaviour cloning. It guesses a still-possible
+        secret when one is left or, at random moments, too early; otherwise it asks a random
+        question of the bank (maybe useless) with probability p_random, else a question that
+        splits the possible secrets: the least informative one (subset) or a random one."""
+        alive = self.consistent() or self.secrets
+        if len(alive) == 1 or rng.random() < self.p_guess:
+            return self.guess_format(rng.choice(alive))
+        splits = self._splits(alive)
+        if not splits or rng.random() < self.p_random:
+            return rng.choice(self.questions[: len(self.questions) - len(self.secrets)])
+        if self.least_informative:
+            low = min(e for e, _ in splits)
+            return rng.choice([q for e, q in splits if e == low])
+        return rng.choice(splits)[1]
+
+    def reference(self, rng: random.Random = None) -> str:
+        """Greedy information gain: the question whose answers split the possible secrets most
+        evenly (first in bank order on ties); guess once two or fewer remain. Deterministic."""
+        alive = self.consistent() or self.secrets
+        splits = self._splits(alive)
+        if len(alive) <= 2 or not splits:
+            return self.guess_format(alive[0])
+        best = max(e for e, _ in splits)
+        return next(q for e, q in splits if e == best)
+
+    def corpus(self):
+        """Every question of the bank with every answer it can get, and the header."""
+        lines = [HEADER]
+        for q in self.questions:
+            for a in sorted(set(self.answers[q].values())) if q in self.answers else (YES, NO):
+                lines.append(f"{q} {a}\n")
+        lines.append(f"Is it something else? {INVALID}\n")
+        return lines
+
+
+# ---- Twenty Questions ---------------------------------------------------------------------
+# The original lumps some objects oddly into categories (a toothbrush is an "office supply");
+# a category question answers by common sense, so these adjust the category lists.
+CATEGORY_QUESTIONS = {
+    "Sports": (["Is it sports equipment?", "Is it used for sports?", "Is it used in sports?"], [], []),
+    "Animals": (["Is it an animal?", "Is it a creature?"], [], []),
+    "Fruits": (["Is it a fruit?"], [], []),
+    "Vehicles": (["Is it a vehicle?", "Is it a means of transport?", "Is it a form of transportation?"], [], []),
+    "Clothes": ([], [], []),  # "Is it clothing?" is an attribute of the knowledge base (gloves too)
+    "Electronics": (["Is it electronic?", "Is it an electronic device?", "Is it electronics?"], ["printer", "calculator"], []),
+    "Musical Instruments": (["Is it a musical instrument?", "Is it an instrument?", "Can you play music with it?"], [], []),
+    "Furniture": (["Is it furniture?", "Is it a piece of furniture?"], [], []),
+    "Office Supplies": (["Is it an office supply?", "Is it office supplies?", "Is it stationery?"], [], ["toothbrush", "toothpaste", "key", "battery"]),
+    "Vegetables": (["Is it a vegetable?"], [], []),
+    "Art": (["Is it an art supply?", "Is it used for art?", "Is it related to art?", "Is it art?"], [], []),
+    "Kitchen Tools": (["Is it a kitchen utensil?", "Is it kitchenware?", "Is it a utensil?"], [], []),
+    "Nature": (["Is it a natural feature?", "Is it part of the landscape?"], [], ["meteorite", "cactus"]),
+    "Toys": ([], [], []),  # "Is it a toy?" is an attribute
+    "Jewelry": (["Is it jewelry?", "Is it jewellery?", "Is it a piece of jewelry?", "Is it an accessory?"], [], []),
+    "Garden Supplies": (["Is it a garden tool?", "Is it used in the garden?", "Is it used for gardening?"], [], []),
+    "Tools": (["Is it a tool?", "Is it a hand tool?"], ["shovel", "rake"], []),
+}
+
+
+def load_twentyq():
+    """(objects in file order, {object: category}, {normalized synonym: object}, attributes)."""
+    objects, category, names = [], {}, {}
+    for line in open(os.path.join(DATA, "twentyq_objects.txt"), encoding="utf-8"):
+        if line.startswith("#") or not line.strip():
+            continue
+        cat, rest = line.split(":", 1)
+        syns = [s.strip() for s in rest.split(";")]
+        obj = syns[0].lower()
+        objects.append(obj)
+        category[obj] = cat.strip()
+        for s in syns:
+            names[normalize(s)] = obj
+    attributes = []  # (phrasings, set of objects answering yes)
+    for line in open(os.path.join(DATA, "twentyq_attributes.txt"), encoding="utf-8"):
+        if line.startswith("#") or not line.strip():
+            continue
+        qs, objs = line.split("|")
+        yes = {o.strip() for o in objs.split(",") if o.strip()}
+        unknown = yes - set(objects)
+        if unknown:
+            raise ValueError(f"twentyq_attributes.txt: unknown objects {sorted(unknown)}")
+        attributes.append(([q.strip() for q in qs.split(";")], yes))
+    for cat, (phrasings, extra, exclude) in CATEGORY_QUESTIONS.items():
+        if phrasings:
+            yes = {o for o in objects if category[o] == cat and o not in exclude} | set(extra)
+            attributes.append((phrasings, yes))
+    return objects, category, names, attributes
+
+
+def make_twentyq(name, seed, objects=None):
+    all_objects, _, names, attributes = load_twentyq()
+    secrets = objects or all_objects
+    answers, oracle, bank = {}, {}, []
+    for phrasings, yes in attributes:
+        q = phrasings[0]
+        answers[q] = {s: YES if s in yes else NO for s in secrets}
+        bank.append(q)
+        for p in phrasings:
+            oracle.setdefault(normalize(p), q)
+    names = {n: o for n, o in names.items() if o in secrets}
+
+    def guess(s):
+        article = "" if s.endswith("s") and s not in ("glass",) else ("an " if s[0] in "aeiou" else "a ")
+        return f"Is it {article}{s}?"
+
+    subset = objects is not None
+    return KnowledgeGame(name, secrets, names, bank, answers, oracle, guess, seed,
+                         p_random=0.7 if subset else 0.3, p_guess=0.1 if subset else 0.08,
+                         least_informative=subset)
+
+
+# ---- Guess My City ------------------------------------------------------------------------
+def load_cities():
+    with open(os.path.join(DATA, "cities.tsv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def with_the(country):
+    return f"the {country}" if country.startswith(("United", "Democratic")) else country
+
+
+def make_guess_my_city(name, seed):
+    rows = load_cities()
+    secrets = [r["city"] for r in rows]
+    names = {}
+    for r in rows:
+        for n in [r["city"]] + [a for a in r["aliases"].split(";") if a.strip()]:
+            names[normalize(n)] = r["city"]
+    answers, oracle, bank = {}, {}, []
+
+    def add(phrasings, answer_of):
+        q = phrasings[0]
+        answers[q] = {r["city"]: answer_of(r) for r in rows}
+        bank.append(q)
+        for p in phrasings:
+            oracle.setdefault(normalize(p), q)
+
+    yn = lambda b: YES if b else NO
+    for cont in sorted({r["continent"] for r in rows}):
+        add([f"Is it in {cont}?", f"Is the city in {cont}?", f"Is it located in {cont}?"], lambda r, c=cont: yn(r["continent"] == c))
+    for country in sorted({r["country"] for r in rows}):
+        add([f"Is it in {with_the(country)}?", f"Is the city in {with_the(country)}?", f"Is it a city in {with_the(country)}?"],
+            lambda r, c=country: yn(r["country"] == c))
+    for h in ("northern", "southern"):
+        add([f"Is it in the {h} hemisphere?"], lambda r, h=h: yn(r["hemisphere"] == h))
+    add(["Is it on the coast?", "Is it coastal?", "Is it by the sea?", "Is it near the ocean?", "Is it a port city?"],
+        lambda r: yn(r["coastal"] == "yes"))
+    add(["Is it a capital city?", "Is it the capital?", "Is it a capital?", "Is it the capital of its country?"],
+        lambda r: yn(r["capital"] == "yes"))
+    for lang in sorted({r["language"] for r in rows}):
+        add([f"Do people speak {lang} there?", f"Is {lang} spoken there?", f"Is the main language {lang}?"],
+            lambda r, l=lang: yn(r["language"] == l))
+    add(["Does it have more than 10 million people?", "Is its population over 10 million?"], lambda r: yn(r["population"] == "over 10 million"))
+    add(["Does it have more than 5 million people?", "Is its population over 5 million?"], lambda r: yn(r["population"] != "under 5 million"))
+    for clim in sorted({r["climate"] for r in rows}):
+        add([f"Does it have a {clim} climate?", f"Is the climate {clim}?", f"Is it {clim}?"], lambda r, c=clim: yn(r["climate"] == c))
+    add(["Does a river run through it?", "Is there a river?", "Is it on a river?"], lambda r: yn(r["river"] != "none"))
+    for river in sorted({r["river"] for r in rows} - {"none"}):
+        add([f"Is it on the {river}?", f"Does the {river} run through it?", f"Is it on the {river} river?"],
+            lambda r, v=river: yn(r["river"] == v))
+    # Open questions, answered in words that never name the city.
+    add(["What continent is it on?", "What continent is it in?", "Which continent is it in?", "Which continent is it on?"],
+        lambda r: f"It is in {r['continent']}.")
+    add(["What country is it in?", "Which country is it in?", "What country is it?"],
+        lambda r: "It is a city-state." if r["country"] == r["city"] else f"It is in {with_the(r['country'])}.")
+    add(["Which hemisphere is it in?", "What hemisphere is it in?"], lambda r: f"It is in the {r['hemisphere']} hemisphere.")
+    add(["What language do people speak there?", "What language is spoken there?", "What is the main language?"],
+        lambda r: f"Most people speak {r['language']}.")
+    add(["How many people live there?", "What is the population?", "How big is it?"],
+        lambda r: f"Its metropolitan area has {r['population']} people.")
+    add(["What is the climate like?", "What is the weather like?", "What climate does it have?"],
+        lambda r: f"It has a {r['climate']} climate.")
+    add(["What river runs through it?", "Which river is it on?", "What river is it on?"],
+        lambda r: "No major river runs through it." if r["river"] == "none" else f"The {r['river']} runs through it.")
+    return KnowledgeGame(name, secrets, names, bank, answers, oracle, lambda s: f"Is it {s}?", seed,
+                         p_random=0.5, p_guess=0.1, least_informative=False)
+
+
+def make_env(name: str, seed: int = 0) -> KnowledgeGame:
+    """A new game by name; `seed` fixes its own draws of secrets."""
+    if name == "twentyq":
+        return make_twentyq(name, seed)
+    if name == "twentyq_subset":
+        return make_twentyq(name, seed, objects=SUBSET)
+    if name == "guess_my_city":
+        return make_guess_my_city(name, seed)
+    raise ValueError(f"unknown game {name!r}; choose one of: {', '.join(ENV_NAMES)}")
+
+
+def play(env, policy, secret=None):
+    """One game with `policy(env) -> utterance`; transitions (state, utterance, reward, next_state, done)."""
+    state, out = env.reset(secret), []
+    while not env.done:
+        utterance = policy(env)
+        nxt, reward, done = env.step(utterance)
+        out.append((state, clean(utterance), reward, nxt, done))
+        state = nxt
+    return out
+
+
+def evaluate_player(env, policy):
+    """Play every secret once: success rate, mean return, mean turns."""
+    runs = [play(env, policy, s) for s in env.secrets]
+    n = len(runs)
+    return {"success": sum(r[-1][2] == 0 for r in runs) / n, "return": sum(sum(t[2] for t in r) for r in runs) / n,
+            "turns": sum(len(r) for r in runs) / n}
+
+
+def main():
+    p = argparse.ArgumentParser(description="Play a game as the questioner, or watch a scripted player.")
+    p.add_argument("game", choices=ENV_NAMES)
+    p.add_argument("--secret", help="fix the secret (default: drawn at random)")
+    p.add_argument("--demo", choices=["demonstrator", "reference"], help="watch a scripted player instead of playing")
+    p.add_argument("--seed", type=int, default=None)
+    a = p.parse_args()
+    env = make_env(a.game, seed=a.seed if a.seed is not None else random.randrange(10**9))
+    if a.secret is not None:
+        key = normalize(a.secret)
+        if key not in env.names:
+            sys.exit(f"error: {a.secret!r} is not a secret of {a.game}; e.g. {', '.join(env.secrets[:5])}")
+        a.secret = env.names[key]
+    env.reset(a.secret)
+    rng = random.Random(a.seed)
+    print(f"{a.game}: {len(env.secrets)} secrets, {len(env.questions)} questions in the bank "
+          f"(e.g. {env.questions[0]!r}). Ask yes/no questions; name the secret to win. Ctrl-D quits.")
+    while not env.done:
+        try:
+            u = getattr(env, a.demo)(rng) if a.demo else input(f"[{env.turn + 1}] > ")
+        except EOFError:
+            break
+        state, reward, done = env.step(u)
+        print(state.splitlines()[-1] if a.demo else "   " + state.splitlines()[-1].rsplit(" ", 0)[0])
+    total = -sum(1 for k, _, a_ in env.history if not (k == "guess" and a_ == YES))
+    print(f"{'won' if env.won else 'lost'} in {env.turn} turns (return {total}); the secret was {env.secret}.")
+
+
+if __name__ == "__main__":
+    main()
