@@ -291,13 +291,15 @@ def make_guess_my_city(name, seed):
     for lang in sorted({r["language"] for r in rows}):
         add([f"Do people speak {lang} there?", f"Is {lang} spoken there?", f"Is the main language {lang}?"],
             lambda r, l=lang: yn(r["language"] == l))
-    add(["Does it have more than 10 million people?", "Is its population over 10 million?"], lambda r: yn(r["population"] == "over 10 million"))
+    add(["Does it have more than 10 million people?", "Is its population over 10 million?",
+         "Does it have over 10 million people?"], lambda r: yn(r["population"] == "over 10 million"))
     add(["Does it have more than 5 million people?", "Is its population over 5 million?"], lambda r: yn(r["population"] != "under 5 million"))
     for clim in sorted({r["climate"] for r in rows}):
         add([f"Does it have a {clim} climate?", f"Is the climate {clim}?", f"Is it {clim}?"], lambda r, c=clim: yn(r["climate"] == c))
     add(["Does a river run through it?", "Is there a river?", "Is it on a river?"], lambda r: yn(r["river"] != "none"))
     for river in sorted({r["river"] for r in rows} - {"none"}):
-        add([f"Is it on the {river}?", f"Does the {river} run through it?", f"Is it on the {river} river?"],
+        add([f"Is it on the {river}?", f"Does the {river} run through it?", f"Is it on the {river} river?",
+             f"Does the {river} flow through it?"],
             lambda r, v=river: yn(r["river"] == v))
     # Open questions, answered in words that never name the city.
     add(["What continent is it on?", "What continent is it in?", "Which continent is it in?", "Which continent is it on?"],
@@ -305,7 +307,8 @@ def make_guess_my_city(name, seed):
     add(["What country is it in?", "Which country is it in?", "What country is it?"],
         lambda r: "It is a city-state." if r["country"] == r["city"] else f"It is in {with_the(r['country'])}.")
     add(["Which hemisphere is it in?", "What hemisphere is it in?"], lambda r: f"It is in the {r['hemisphere']} hemisphere.")
-    add(["What language do people speak there?", "What language is spoken there?", "What is the main language?"],
+    add(["What language do people speak there?", "What language is spoken there?", "What is the main language?",
+         "What language do people mainly speak there?", "What language do they speak there?"],
         lambda r: f"Most people speak {r['language']}.")
     add(["How many people live there?", "What is the population?", "How big is it?"],
         lambda r: f"Its metropolitan area has {r['population']} people.")

@@ -1,0 +1,387 @@
+"""Tests: the games (envs.py), then the trainer (archer.py). Run: python -m pytest -q test_archer.py"""
+import csv
+import itertools
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import archer
+import envs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- games (envs.py) ----
+@pytest.fixture(scope="module")
+def tq():
+    return envs.make_env("twentyq", seed=0)
+
+
+@pytest.fixture(scope="module")
+def city():
+    return envs.make_env("guess_my_city", seed=0)
+
+
+def ask(env, secret, question):
+    env.reset(secret)
+    return env.step(question)[0].splitlines()[-1][len(envs.clean(question)) + 1 :]
+
+
+def test_every_two_objects_differ_in_some_answer(tq):
+    signatures = {}
+    for s in tq.secrets:
+        signatures.setdefault(tuple(tq.answers[q][s] for q in tq.answers), []).append(s)
+    assert len(tq.secrets) == 157 and all(len(v) == 1 for v in signatures.values()), \
+        [v for v in signatures.values() if len(v) > 1]
+    assert len(tq.answers) >= 40 + 15  # >= 40 attributes plus the category questions
+
+
+COMMON_SENSE = [  # (object, question, answer)
+    ("dog", "Is it an animal?", "Yes."), ("dog", "Is it a pet?", "Yes."), ("dog", "Is it a mammal?", "Yes."),
+    ("lion", "Is it a pet?", "No."), ("lion", "Is it wild?", "Yes."), ("cow", "Is it a farm animal?", "Yes."),
+    ("knife", "Is it sharp?", "Yes."), ("knife", "Is it used in the kitchen?", "Yes."), ("pillow", "Is it sharp?", "No."),
+    ("banana", "Is it made of metal?", "No."), ("banana", "Is it a fruit?", "Yes."), ("banana", "Can you eat it?", "Yes."),
+    ("carrot", "Is it a vegetable?", "Yes."), ("carrot", "Is it a fruit?", "No."), ("potato", "Does it grow underground?", "Yes."),
+    ("airplane", "Can it fly?", "Yes."), ("truck", "Can it fly?", "No."), ("truck", "Does it have wheels?", "Yes."),
+    ("boat", "Does it go on water?", "Yes."), ("car", "Is it a vehicle?", "Yes."), ("car", "Is it bigger than a person?", "Yes."),
+    ("pen", "Is it used for writing?", "Yes."), ("pen", "Does it fit in one hand?", "Yes."), ("piano", "Is it a musical instrument?", "Yes."),
+    ("piano", "Does it fit in one hand?", "No."), ("guitar", "Does it have strings?", "Yes."), ("trumpet", "Is it a wind instrument?", "Yes."),
+    ("computer", "Is it electronic?", "Yes."), ("computer", "Does it use electricity?", "Yes."), ("chair", "Is it furniture?", "Yes."),
+    ("chair", "Is it made of wood?", "Yes."), ("shirt", "Is it clothing?", "Yes."), ("shirt", "Is it made of fabric?", "Yes."),
+    ("ring", "Is it jewelry?", "Yes."), ("necklace", "Is it worn on the body?", "Yes."), ("hammer", "Is it a tool?", "Yes."),
+    ("shovel", "Is it a garden tool?", "Yes."), ("rock", "Is it alive?", "No."), ("tree", "Is it alive?", "Yes."),
+    ("tree", "Is it a plant?", "Yes."), ("ocean", "Is it salty?", "Yes."), ("kite", "Is it a toy?", "Yes."),
+    ("basketball", "Is it round?", "Yes."), ("basketball", "Is it used for sports?", "Yes."), ("lego", "Is it made of plastic?", "Yes."),
+    ("toothbrush", "Is it an office supply?", "No."), ("refrigerator", "Is it used outdoors?", "No."),
+    ("drum", "Does it make sound?", "Yes."), ("scissors", "Is it sharp?", "Yes."), ("meteorite", "Does it come from space?", "Yes."),
+]
+
+
+@pytest.mark.parametrize("obj,question,answer", COMMON_SENSE)
+def test_common_sense_facts(tq, obj, question, answer):
+    assert ask(tq, obj, question) == answer
+
+
+def load_city_facts():
+    rows = []
+    for line in open(os.path.join(HERE, "data", "cities_facts.txt"), encoding="utf-8"):
+        if line.strip() and not line.startswith("#"):
+            rows.append(tuple(line.rstrip("\n").split("\t")))
+    return rows
+
+
+def test_city_facts(city):
+    facts = load_city_facts() + [("Cairo", "Is it in Africa?", "Yes"), ("Tokyo", "Is it on the coast?", "Yes"),
+                                 ("Lima", "What continent is it on?", "It is in South America")]
+    assert len(facts) >= 25
+    for name, question, expected in facts:
+        secret = city.names[envs.normalize(name)]
+        got = ask(city, secret, question)
+        assert got.startswith(expected) or expected in got, (name, question, got, expected)
+
+
+def test_city_oracle_never_says_the_name(city):
+    for row in csv.DictReader(open(os.path.join(HERE, "data", "cities.tsv"), encoding="utf-8"), delimiter="\t"):
+        names = [row["city"]] + [a for a in row["aliases"].split(";") if a]
+        for q, answers in city.answers.items():
+            for n in names:
+                assert not re.search(rf"\b{re.escape(n.lower())}\b", answers[row["city"]].lower()), (row["city"], q)
+
+
+def test_paraphrases_agree(tq):
+    groups = [["Can you eat it?", "Is it edible?", "Is it food?", "is it FOOD", "  Is it   food ?? "],
+              ["Is it an animal?", "is it animal", "Is it a creature?"],
+              ["Is it made of metal?", "Is it metal?", "Is it metallic?"]]
+    for secret in ("apple", "dog", "spoon"):
+        for group in groups:
+            assert len({ask(tq, secret, q) for q in group}) == 1, (secret, group)
+
+
+def test_unknown_questions_are_invalid(tq):
+    for q in ("What is the meaning of life?", "Is it purple?", "Is it a zebra?", "", "asdf", "Is it made of"):
+        assert ask(tq, "dog", q) == envs.INVALID
+
+
+def test_every_object_and_synonym_can_be_won(tq):
+    for line in open(os.path.join(HERE, "data", "twentyq_objects.txt"), encoding="utf-8"):
+        if line.startswith("#"):
+            continue
+        syns = [s.strip() for s in line.split(":", 1)[1].split(";")]
+        secret = syns[0].lower()
+        for s in syns:
+            for form in (f"Is it a {s}?", f"Is it {s}?", f"Is it the {s}?", f"is it an {s.upper()}"):
+                tq.reset(secret)
+                _, reward, done = tq.step(form)
+                assert reward == 0 and done and tq.won, (secret, form)
+        tq.reset(secret)
+        assert tq.step(tq.guess_format(secret))[1] == 0
+
+
+def test_substrings_never_win(tq, city):
+    city.reset("Lima")
+    for u in ("Is it climate?", "Is it a climate city?", "Is it Limassol?", "Is it Lima or Paris?"):
+        assert city.step(u)[1] == -1
+    tq.reset("cat")
+    for u in ("Is it a category?", "Is it a catapult?", "Is it a cat food?"):
+        assert tq.step(u)[1] == -1
+    tq.reset("pen")
+    assert tq.step("Is it a pencil?")[1] == -1
+    assert tq.step("Is it a pen?")[1] == 0
+
+
+def test_rewards_state_and_turn_limit(tq):
+    state = tq.reset("dog")
+    assert state == "Questions:\n"
+    state, r, done = tq.step("Is it an animal?")
+    assert (state, r, done) == ("Questions:\nIs it an animal? Yes.\n", -1.0, False)
+    for t in range(2, 21):
+        state, r, done = tq.step("Is it a cat?")
+        assert r == -1.0 and done == (t == 20)
+    assert len(state.splitlines()) == 21 and not tq.won
+    with pytest.raises(RuntimeError, match="over"):
+        tq.step("Is it a dog?")
+
+
+def test_seeding_gives_same_secrets_and_demonstrations():
+    def run(seed):
+        env = envs.make_env("twentyq", seed=seed)
+        rng = random.Random(seed)
+        return [envs.play(env, lambda g: g.demonstrator(rng)) for _ in range(5)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_bad_utterances_never_crash(tq):
+    tq.reset("dog")
+    for u in ("", "\n\n", "Is it an animal?\nIs it a dog?", "x" * 10000, "¿Es un perro? 🐶", None):
+        state, r, done = tq.step(u)
+        assert r == -1.0
+    lines = state.splitlines()
+    assert lines[3] == "Is it an animal? Yes."  # only the first line of a multi-line utterance
+    assert max(len(line) for line in lines) <= envs.MAX_CHARS + 20
+
+
+def test_unknown_game_and_secret():
+    with pytest.raises(ValueError, match="unknown game"):
+        envs.make_env("chess")
+    with pytest.raises(ValueError, match="unknown secret"):
+        envs.make_env("twentyq_subset").reset("zebra")
+
+
+@pytest.mark.parametrize("name", envs.ENV_NAMES)
+def test_players_demonstrator_leaves_room_below_reference(name):
+    env = envs.make_env(name, seed=0)
+    ref = envs.evaluate_player(env, lambda g: g.reference())
+    rng = random.Random(0)
+    demo = envs.evaluate_player(env, lambda g: g.demonstrator(rng))
+    assert ref["success"] == 1.0
+    assert demo["return"] < ref["return"] - 3  # clear room for RL
+    assert demo["success"] > 0.3  # but it wins often enough to teach something
+
+
+def test_oracle_is_fast(tq):
+    rng = random.Random(0)
+    t, n = time.perf_counter(), 0
+    while n < 20000:
+        tq.reset()
+        while not tq.done:
+            tq.step(rng.choice(tq.questions))
+            n += 1
+    assert (time.perf_counter() - t) / n < 1e-4  # well under a millisecond a step
+
+
+def test_cli_demo_plays_to_the_end():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "envs.py"), "twentyq", "--demo", "reference",
+                        "--secret", "lawn mower", "--seed", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "won" in r.stdout and "lawn mower" in r.stdout
+# Small budgets shared by the subprocess runs: a few seconds of warm start, short games.
+QUICK = ["--bc-games", "200", "--bc-steps", "20", "--games", "8", "--critic-steps", "2", "--actor-steps", "1",
+         "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--device", "cpu"]
+
+
+def run_archer(*flags, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, "archer.py"), *flags], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    model, tok = archer.load_actor("tiny", envs.make_env("twentyq_subset"))
+    model.eval()
+    return archer.Policy(model, tok, max_new_tokens=12)
+
+
+def test_logprobs_match_model_loss_under_left_padding(policy):
+    """Our per-utterance log-prob equals -(HF loss x tokens) on each row alone, unpadded."""
+    states = ["Questions:\n", "Questions:\nIs it alive? No.\nIs it food? Yes.\n"]
+    actions = ["Is it a dog?\n", "Is it a banana?\n"]
+    pids, pmask = policy.encode(states)
+    assert (pmask[0] == 0).any(), "the shorter prompt must be left-padded for this test"
+    enc = policy.tok(actions, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    saved = policy.banned.clone()
+    policy.banned[:] = False  # HF's loss normalizes over the whole vocabulary
+    try:
+        ours = archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask)
+    finally:
+        policy.banned.copy_(saved)
+    for i, (s, a) in enumerate(zip(states, actions)):
+        p = policy.tok(s, return_tensors="pt", add_special_tokens=False).input_ids
+        x = policy.tok(a, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = torch.cat([p, x], 1)
+        labels = ids.clone()
+        labels[:, : p.shape[1]] = -100
+        with torch.no_grad():
+            loss = policy.model(input_ids=ids, labels=labels).loss
+        assert torch.allclose(ours[i], -loss * x.shape[1], atol=1e-4), (ours[i], -loss * x.shape[1])
+
+
+def test_logprobs_use_temperature_and_ignore_masked_tokens(policy):
+    pids, pmask = policy.encode(["Questions:\n"])
+    aids = torch.tensor([[5, 6, 7]])
+    full = archer.sequence_logprobs(policy, pids, pmask, aids, torch.tensor([[1, 1, 1]]), temperature=0.7)
+    # By hand: log_softmax of the banned-masked logits divided by the temperature.
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.cat([pids, aids[:, :2]], 1)).logits[0, -3:].float()
+    logits[:, policy.banned] = float("-inf")
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, aids[0, :, None]).sum()
+    assert torch.allclose(full[0], ref, atol=1e-4)
+    # A masked position does not count, whatever id sits there (the pad id has log-prob -inf).
+    a = archer.sequence_logprobs(policy, pids, pmask, torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
+    b = archer.sequence_logprobs(policy, pids, pmask, torch.tensor([[5, 6, 9]]), torch.tensor([[1, 1, 0]]))
+    assert torch.isfinite(a).all() and torch.allclose(a, b)
+
+
+def test_greedy_sampling_is_independent_of_padding(policy):
+    """Position ids under left padding: a row generates the same tokens alone and in a batch."""
+    long_state = "Questions:\nIs it alive? No.\nIs it food? No.\nIs it sharp? Yes.\n"
+    alone = policy.sample(["Questions:\n"], greedy=True)
+    batched = policy.sample(["Questions:\n", long_state], greedy=True)
+    n = int(alone[4][0].sum())
+    assert torch.equal(alone[3][0, :n], batched[3][0, :n])
+    assert alone[0][0] == batched[0][0]
+
+
+def test_sample_masks_end_at_the_newline(policy):
+    torch.manual_seed(3)
+    texts, _, _, aids, amask = policy.sample(["Questions:\n"] * 16)
+    for text, ids, m in zip(texts, aids, amask):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # a prefix of ones
+        decoded = policy.tok.decode(ids[:n])
+        assert "\n" not in text
+        if n < aids.shape[1] or "\n" in decoded:  # ended by a stop token: it is the last one
+            assert "\n" in policy.tok.decode(ids[n - 1 : n]) and "\n" not in policy.tok.decode(ids[: n - 1])
+        assert not (ids[:n] == policy.tok.pad_token_id).any()  # special tokens are never sampled
+
+
+class FakeCritic(nn.Module):
+    """Fixed Q and V values, to check the losses against hand computation."""
+
+    def __init__(self, q, v):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.qv, self.vv = q, v
+
+    def q(self, states, actions):
+        return tuple(torch.tensor(x) + 0 * self.dummy for x in self.qv)
+
+    def v(self, states):
+        return tuple(torch.tensor(x) + 0 * self.dummy for x in self.vv)
+
+
+def test_td_targets_by_hand():
+    online = FakeCritic(q=([-1.0, -2.0], [-1.5, -1.0]), v=([-3.0, -1.0], [-2.0, -2.0]))
+    target = FakeCritic(q=([-2.0, -4.0], [-3.0, -1.0]), v=([-5.0, -6.0], [-4.0, -7.0]))
+    batch = (["s0", "s1"], ["a0", "a1"], torch.tensor([-1.0, 0.0]), ["n0", "n1"], torch.tensor([0.0, 1.0]))
+    loss, stats = archer.critic_loss(online, target, batch, ["x0", "x1"], gamma=0.9)
+    # Q1 targets: r + 0.9 (1 - d) Vbar1(s') = [-1 + 0.9 * -5, 0] = [-5.5, 0]
+    # Q2 targets: [-1 + 0.9 * -4, 0] = [-4.6, 0]
+    # V targets: min(Qbar1, Qbar2)(s, a~) = [-3, -4]
+    mse = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
+    expected = (mse([-1, -2], [-5.5, 0]) + mse([-1.5, -1], [-4.6, 0]) + mse([-3, -1], [-3, -4]) + mse([-2, -2], [-3, -4]))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["q_mean"] == pytest.approx((-1.5 - 2.0) / 2)
+
+
+def test_advantage_and_actor_loss_by_hand():
+    critic = FakeCritic(q=([-1.0, -2.0, -3.0], [-2.0, -1.0, -1.0]), v=([-4.0, -1.0, -2.0], [-3.0, -2.0, -2.0]))
+    adv = archer.advantage(critic, ["a", "b", "c"], ["x", "y", "z"])
+    assert adv.tolist() == pytest.approx([-2.0 + 4.0, -2.0 + 2.0, -3.0 + 2.0])  # min Q - min V
+    logp = torch.tensor([-1.0, -2.0, -3.0])
+    a = torch.tensor([2.0, 0.0, -1.0])
+    a_norm = (a - a.mean()) / a.std()
+    assert archer.actor_loss(logp, adv).item() == pytest.approx(-(a_norm * logp).mean().item(), rel=1e-5)
+
+
+def test_polyak_by_hand():
+    online, target = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        online.weight.fill_(1.0), online.bias.fill_(2.0), target.weight.fill_(0.0), target.bias.fill_(-2.0)
+    archer.polyak(target, online, tau=0.1)
+    assert target.weight[0].tolist() == pytest.approx([0.1, 0.1])
+    assert target.bias.item() == pytest.approx(0.9 * -2.0 + 0.1 * 2.0)
+
+
+def test_replay_buffer_capacity_and_sampling():
+    buf = archer.ReplayBuffer(capacity=5)
+    for i in range(8):
+        buf.add((f"s{i}", f"a{i}", -1.0, f"s{i + 1}", i == 7))
+    assert len(buf) == 5
+    assert sorted(t[0] for t in buf.data) == ["s3", "s4", "s5", "s6", "s7"]  # the oldest were overwritten
+    s, a, r, s2, d = buf.sample(100, random.Random(0))
+    assert len(s) == 100 and r.shape == (100,) and d.dtype == torch.float32
+    assert set(s) == {"s3", "s4", "s5", "s6", "s7"}  # uniform over what is stored: all of it shows up
+    assert all(a_[1:] == s_[1:] for s_, a_ in zip(s, a))  # columns stay aligned
+
+
+def test_run_resume_and_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_archer("--env", "twentyq_subset", "--iterations", "2", "--out", out, *QUICK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "final evaluation" in r.stdout.strip().splitlines()[-1]
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["iteration"] for m in rows] == [-1, 0, 1]
+    for key in ("env_steps", "train_return", "critic_loss", "actor_loss", "q_mean", "v_mean", "advantage_mean",
+                "seconds", "eval_success", "eval_return", "eval_turns"):
+        assert key in rows[-1], key
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["iteration"] == 1 and len(ck["buffer"]) > 0
+    r = run_archer("--env", "twentyq_subset", "--iterations", "3", "--out", out, "--resume", *QUICK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["iteration"] for m in rows] == [-1, 0, 1, 2]  # continued, not restarted
+    assert rows[-1]["env_steps"] > rows[-2]["env_steps"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    r = run_archer("--out", str(tmp_path / "none"), "--resume", *QUICK)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_game_is_a_clear_error(tmp_path):
+    r = run_archer("--env", "chess", "--out", str(tmp_path), *QUICK)
+    assert r.returncode == 2 and "unknown game" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_local_model_directory_loads_through_from_pretrained(tmp_path):
+    model, tok = archer.load_actor("tiny", envs.make_env("twentyq_subset"))
+    model.save_pretrained(tmp_path / "actor")
+    tok.save_pretrained(tmp_path / "actor")
+    loaded, ltok = archer.load_actor(str(tmp_path / "actor"), None)
+    assert type(loaded) is type(model) and len(ltok) == len(tok)
+    r = run_archer("--env", "twentyq_subset", "--iterations", "1", "--out", str(tmp_path / "run"),
+                   "--model", str(tmp_path / "actor"), *QUICK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_archer("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run2"), *QUICK)
+    assert r.returncode == 2 and "could not load actor" in r.stderr and "Traceback" not in r.stderr
