@@ -68,13 +68,13 @@ class Args:
     # rollouts
     games: int = field(default=32, metadata={"help": "games played in parallel per iteration"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and fresh actions"})
-    max_new_tokens: int = field(default=24, metadata={"help": "cap on the tokens of one utterance"})
+    max_new_tokens: int = field(default=12, metadata={"help": "cap on the tokens of one utterance"})
     # ArCHer
     buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity in transitions (paper: 10k)"})
     batch_size: int = field(default=64, metadata={"help": "transitions per critic or actor step"})
-    critic_steps: int = field(default=10, metadata={"help": "critic steps per iteration"})
+    critic_steps: int = field(default=20, metadata={"help": "critic steps per iteration"})
     actor_steps: int = field(default=2, metadata={"help": "actor steps per iteration"})
-    warmup_iters: int = field(default=5, metadata={"help": "iterations of critic-only training before the actor moves"})
+    warmup_iters: int = field(default=10, metadata={"help": "iterations of critic-only training before the actor moves"})
     critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
     actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
