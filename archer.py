@@ -17,12 +17,14 @@ Deliberate deviations from the paper and its reference code (each explained wher
      text, ignores temperature and pads on the right).
   2. Losses are means, not sums over accumulation steps, so learning rates are per step.
   3. Advantages are normalized per batch (mean 0, std 1); raw ones made tiny actors collapse.
-  4. The critic reads the state and the utterance together (one encoder pass over "state +
-     utterance") instead of embedding them separately and concatenating.
-  5. The warm start is behaviour cloning on the game's scripted demonstrator (stands in for
+  4. The critic reads the state followed by the utterance in one encoder pass and takes the
+     final token's hidden state, instead of embedding them separately and concatenating.
+  5. The critic's heads start at the worst return the game allows (a pessimistic start).
+  6. The warm start is behaviour cloning on the game's scripted demonstrator (stands in for
      the paper's SFT checkpoint), and its dialogues seed the replay buffer.
-  6. Evaluation is on a fixed held-out set: every secret of the game once.
-  7. The built-in "tiny" models (a 4-layer GPT-2, a 2-layer BERT) train on a laptop CPU.
+  7. Evaluation is on a fixed held-out set: every secret of the game once.
+  8. The built-in "tiny" models (2-layer, 64-wide GPT-2 and BERT) train on a laptop CPU; their
+     tokenizer learns each phrase of the game as one token, with a byte-level fallback.
 
 Quick start (CPU, no download):   python archer.py --env twentyq_subset
 Paper setting (GPU):              python archer.py --env twentyq --model gpt2 --critic roberta-base
@@ -459,7 +461,7 @@ def evaluate(policy: Policy, name: str, seed: int, temperature: float):
     state so that evaluating does not change the training run's random stream."""
     game = envs.make_env(name, seed=seed)
     secrets = list(game.secrets)
-    games = [envs.make_env(name, seed=seed) for _ in secrets]
+    games = [copy.copy(game) for _ in secrets]  # shallow: they share the oracle's tables
     greedy = summarize(play(policy, games, secrets, greedy=True))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
