@@ -62,7 +62,7 @@ class Args:
     out: str = field(default="runs/archer", metadata={"help": "run directory: metrics.jsonl and checkpoint.pt"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt (or the warm start) and exit"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt on the held-out set and exit"})
     # warm start (behaviour cloning on the game's demonstrator)
     bc_games: int = field(default=2000, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
     bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps"})
@@ -162,7 +162,7 @@ def load_actor(name: str, env):
     return model, tok
 
 
-def load_critic_encoder(name: str, env, actor_tok):
+def load_critic_encoder(name: str, actor_tok):
     """Return (encoder, tokenizer). 'tiny' is a 2-layer, 64-wide BERT on the actor's tokenizer."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
@@ -541,7 +541,7 @@ def train(args: Args):
 
     model, tok = load_actor(args.model, env0)
     policy = Policy(model.to(dev), tok, args.max_new_tokens)
-    encoder, ctok = load_critic_encoder(args.critic, env0, tok)
+    encoder, ctok = load_critic_encoder(args.critic, tok)
     critic = Critic(encoder, ctok).to(dev)
     target = copy.deepcopy(critic)  # the only model copy: the critic's target
     for p in target.parameters():
@@ -566,8 +566,9 @@ def train(args: Args):
         start_it, env_steps, log = ck["iteration"] + 1, ck["env_steps"], ck["log"]
         set_rng_states(ck["rng"], rng)
         print(f"resumed from {ckpt_path} at iteration {start_it}")
-    elif args.resume:
-        fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start fresh")
+    elif args.resume or args.eval_only:
+        flag = "--resume" if args.resume else "--eval-only"
+        fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
 
     if args.eval_only:
         ev = evaluate(policy, args.env, args.seed, args.temperature)

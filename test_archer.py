@@ -362,10 +362,15 @@ def test_run_resume_and_checkpoint(tmp_path):
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["iteration"] for m in rows] == [-1, 0, 1, 2]  # continued, not restarted
     assert rows[-1]["env_steps"] > rows[-2]["env_steps"]
+    r = run_archer("--env", "twentyq_subset", "--out", out, "--eval-only", *QUICK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0.0 <= ev["eval_success"] <= 1.0 and -20.0 <= ev["eval_return"] <= 0.0
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    r = run_archer("--out", str(tmp_path / "none"), "--resume", *QUICK)
+@pytest.mark.parametrize("flag", ["--resume", "--eval-only"])
+def test_resume_or_eval_without_checkpoint_is_a_clear_error(tmp_path, flag):
+    r = run_archer("--out", str(tmp_path / "none"), flag, *QUICK)
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
