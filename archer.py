@@ -239,16 +239,19 @@ class Policy:
         cache, logits, next_pos = out.cache, out.logits[:, -1], pos[:, -1:] + 1
         stop, pad = self.stop.to(dev), self.tok.pad_token_id
         gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
-        alive = torch.ones(B, dtype=torch.bool, device=dev)
-        attn = mask
+        rows, attn = torch.arange(B, device=dev), mask  # rows: batch index of each row still writing
         for t in range(self.max_new_tokens):
             s = self.scores(logits, temperature)
             nxt = s.argmax(-1) if greedy else torch.multinomial(F.softmax(s, -1), 1).squeeze(-1)
-            gen[:, t] = torch.where(alive, nxt, pad)
-            alive &= ~stop[nxt]
-            if not alive.any():
+            gen[rows, t] = nxt
+            keep = ~stop[nxt]
+            if not keep.any():
                 break
-            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
+            if not keep.all():  # finished utterances leave the batch (and the cache) at once:
+                # one long utterance must not make every finished row pay for its extra steps
+                cache.batch_select_indices(keep.nonzero().squeeze(-1))
+                rows, nxt, attn, next_pos = rows[keep], nxt[keep], attn[keep], next_pos[keep]
+            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=dev)], 1)
             out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
                              cache=cache, use_cache=True)
             cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1

@@ -271,6 +271,26 @@ def test_greedy_sampling_is_independent_of_padding(policy):
     assert alone[0][0] == batched[0][0]
 
 
+def test_finished_utterances_leave_the_batch_without_changing_the_others(policy):
+    """Rows that stop early are dropped from the batch and the cache mid-generation; every row
+    must still produce exactly what it produces alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # large random weights: the greedy choice depends strongly on the context
+    cfg = GPT2Config(vocab_size=len(policy.tok), n_layer=2, n_embd=64, n_head=4, initializer_range=1.0)
+    policy = archer.Policy(GPT2LMHeadModel(cfg).eval(), policy.tok, max_new_tokens=12)
+    policy.stop[:] = torch.arange(len(policy.stop)) % 3 == 0  # many stop tokens: rows end at different steps
+    states = ["Questions:\n", "Questions:\nIs it alive? No.\n", "Questions:\nIs it food? Yes.\nIs it red? No.\n",
+              "Questions:\nIs it sharp? Yes.\n"]
+    batched = policy.sample(states, greedy=True)
+    lengths = batched[4].sum(1)
+    assert len(set(lengths.tolist())) > 1, "the test needs rows that end at different steps"
+    for i, s in enumerate(states):
+        alone = policy.sample([s], greedy=True)
+        n = int(lengths[i])
+        assert int(alone[4][0].sum()) == n and torch.equal(alone[3][0, :n], batched[3][i, :n])
+
+
 def test_sample_masks_end_at_the_newline(policy):
     torch.manual_seed(3)
     texts, _, _, aids, amask = policy.sample(["Questions:\n"] * 16)
