@@ -618,9 +618,10 @@ def train(args: Args):
                  invalid=float(np.mean([x[3].endswith("Invalid question.\n") for t in trajs for x in t])))
 
         # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
-        # sampled in one batched call (the policy does not change during critic steps).
+        # sampled up front (the policy does not change during critic steps), one batch at a time:
+        # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
         batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-        fresh = policy.sample([s for b in batches for s in b[0]], args.temperature)[0]
+        fresh = [a for b in batches for a in policy.sample(b[0], args.temperature)[0]]
         c_losses, c_stats = [], []
         for k, batch in enumerate(batches):
             a_fresh = fresh[k * args.batch_size : (k + 1) * args.batch_size]
