@@ -25,6 +25,7 @@ import os
 import random
 import re
 import sys
+import unicodedata
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ENV_NAMES = ("twentyq", "twentyq_subset", "guess_my_city")
@@ -35,9 +36,10 @@ SUBSET = ["football", "dog", "banana", "truck", "pants", "computer", "piano", "c
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation and the articles a/an/the dropped, single spaces:
-    'Is it a Pair of Scissors?' and 'is it pair of scissors' are the same question."""
-    words = re.sub(r"[^a-z0-9']+", " ", text.lower()).split()
+    """Lower case, accents folded, punctuation and the articles a/an/the dropped, single
+    spaces: 'Is it a Pair of Scissors?' = 'is it pair of scissors', 'São Paulo' = 'Sao Paulo'."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.sub(r"[^a-z0-9']+", " ", ascii_text.lower()).split()
     return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
@@ -51,15 +53,23 @@ class KnowledgeGame:
     """A guessing game over a table of secrets and the answers to every question it knows.
 
     oracle: normalized phrasing -> canonical question; answers: canonical question ->
-    {secret: answer}; names: normalized name (synonyms included) -> secret.
+    {secret: answer}; names: normalized name (synonyms included) -> secret. A guess is
+    "Is it <name>?" or, with name_anywhere, any utterance that names exactly one secret.
     """
 
     max_turns = 20
 
     def __init__(self, name, secrets, names, questions, answers, oracle, guess_format, seed,
-                 p_random, p_guess, least_informative):
+                 p_random, p_guess, least_informative, name_anywhere=False):
         self.name, self.secrets, self.names = name, list(secrets), names
+        self.name_anywhere = name_anywhere
+        self.longest_name = max(len(n.split()) for n in names)  # in words
         self.answers, self.oracle = answers, oracle
+        # A phrasing that is also a guess ("Is it orange?", "Is it in Singapore?") could never
+        # be asked as a question: refuse such a knowledge base.
+        clashes = [p for p in oracle if self.named(p)]
+        if clashes:
+            raise ValueError(f"{name}: questions that name a secret: {clashes}")
         self.guess_format = guess_format  # secret -> the canonical guess "Is it a dog?"
         # The bank: questions whose answer differs between some secrets (the oracle understands
         # the others too, but they can never help), then one guess per secret.
@@ -83,10 +93,21 @@ class KnowledgeGame:
         key = normalize(utterance)
         if key in self.oracle:
             return "question", self.oracle[key]
-        m = re.fullmatch(r"(?:is it|it is|is it city of|is city) (.+)", key)
-        if m and m.group(1) in self.names:
-            return "guess", self.names[m.group(1)]
-        return "invalid", None
+        named = self.named(key)
+        if len(named) == 1:
+            return "guess", named.pop()
+        return "invalid", None  # naming two secrets at once is no guess (else listing them wins)
+
+    def named(self, key: str) -> set:
+        """The secrets a normalized utterance names, as whole words: 'cat' is not named by
+        'catapult', nor 'Lima' by 'climate' (the original matched substrings)."""
+        if not self.name_anywhere:
+            m = re.fullmatch(r"(?:is it|it is) (.+)", key)
+            return {self.names[m.group(1)]} if m and m.group(1) in self.names else set()
+        words = key.split()
+        spans = (" ".join(words[i:j]) for i in range(len(words))
+                 for j in range(i + 1, min(i + self.longest_name, len(words)) + 1))
+        return {self.names[span] for span in spans if span in self.names}
 
     def step(self, utterance: str):
         if self.done:
@@ -114,7 +135,8 @@ class KnowledgeGame:
 
     # ---- players (they read only the public dialogue, never self.secret) --------------------
     def consistent(self):
-        """The secrets that agree with every answer given so far."""
+        """The secrets that agree with every answer given so far (never empty: the true
+        secret always does)."""
         alive = []
         for s in self.secrets:
             ok = True
@@ -141,14 +163,17 @@ class KnowledgeGame:
     def demonstrator(self, rng: random.Random) -> str:
         """A weak but state-dependent player, for behaviour cloning. It guesses a still-possible
         secret when one is left or, at random moments, too early; otherwise it asks a random
-        question of the bank (maybe useless) with probability p_random, else a question that
-        splits the possible secrets: the least informative one (subset) or a random one."""
-        alive = self.consistent() or self.secrets
-        if len(alive) == 1 or rng.random() < self.p_guess:
-            return self.guess_format(rng.choice(alive))
+        question of the bank it has not asked yet (maybe useless) with probability p_random,
+        else a question that splits the possible secrets: the least informative one (subset)
+        or a random one. Never the same question twice."""
+        alive = self.consistent()
+        asked = {what for kind, what, _ in self.history if kind == "question"}
+        fresh = [q for q in self.questions[: len(self.questions) - len(self.secrets)] if q not in asked]
         splits = self._splits(alive)
-        if not splits or rng.random() < self.p_random:
-            return rng.choice(self.questions[: len(self.questions) - len(self.secrets)])
+        if len(alive) == 1 or not fresh or not splits or rng.random() < self.p_guess:
+            return self.guess_format(rng.choice(alive))
+        if rng.random() < self.p_random:
+            return rng.choice(fresh)
         if self.least_informative:
             low = min(e for e, _ in splits)
             return rng.choice([q for e, q in splits if e == low])
@@ -156,8 +181,9 @@ class KnowledgeGame:
 
     def reference(self, rng: random.Random = None) -> str:
         """Greedy information gain: the question whose answers split the possible secrets most
-        evenly (first in bank order on ties); guess once two or fewer remain. Deterministic."""
-        alive = self.consistent() or self.secrets
+        evenly (first in bank order on ties); guess once two or fewer remain. Deterministic:
+        `rng` is accepted only so that both players are called the same way."""
+        alive = self.consistent()
         splits = self._splits(alive)
         if len(alive) <= 2 or not splits:
             return self.guess_format(alive[0])
@@ -175,8 +201,10 @@ class KnowledgeGame:
 
 
 # ---- Twenty Questions ---------------------------------------------------------------------
-# The original lumps some objects oddly into categories (a toothbrush is an "office supply");
-# a category question answers by common sense, so these adjust the category lists.
+# One question (with paraphrases) per category of twentyq_objects.txt: category -> (phrasings,
+# extra members, excluded members). The original lumps some objects oddly into categories (a
+# toothbrush is an "office supply"); a category question answers by common sense, so the
+# last two adjust the category's list.
 CATEGORY_QUESTIONS = {
     "Sports": (["Is it sports equipment?", "Is it used for sports?", "Is it used in sports?"], [], []),
     "Animals": (["Is it an animal?", "Is it a creature?"], [], []),
@@ -185,16 +213,16 @@ CATEGORY_QUESTIONS = {
     "Clothes": ([], [], []),  # "Is it clothing?" is an attribute of the knowledge base (gloves too)
     "Electronics": (["Is it electronic?", "Is it an electronic device?", "Is it electronics?"], ["printer", "calculator"], []),
     "Musical Instruments": (["Is it a musical instrument?", "Is it an instrument?", "Can you play music with it?"], [], []),
-    "Furniture": (["Is it furniture?", "Is it a piece of furniture?"], [], []),
-    "Office Supplies": (["Is it an office supply?", "Is it office supplies?", "Is it stationery?"], [], ["toothbrush", "toothpaste", "key", "battery"]),
+    "Furniture": (["Is it furniture?", "Is it a piece of furniture?"], [], ["pillow"]),
+    "Office Supplies": (["Is it an office supply?", "Is it office supplies?"], [], ["toothbrush", "toothpaste", "key", "battery"]),
     "Vegetables": (["Is it a vegetable?"], [], []),
-    "Art": (["Is it an art supply?", "Is it used for art?", "Is it related to art?", "Is it art?"], [], []),
-    "Kitchen Tools": (["Is it a kitchen utensil?", "Is it kitchenware?", "Is it a utensil?"], [], []),
+    "Art": (["Is it related to art?", "Does it have to do with art?"], [], []),  # supplies and works: attributes
+    "Kitchen Tools": (["Is it a kitchen utensil?", "Is it kitchenware?"], [], []),
     "Nature": (["Is it a natural feature?", "Is it part of the landscape?"], [], ["meteorite", "cactus"]),
     "Toys": ([], [], []),  # "Is it a toy?" is an attribute
-    "Jewelry": (["Is it jewelry?", "Is it jewellery?", "Is it a piece of jewelry?", "Is it an accessory?"], [], []),
+    "Jewelry": (["Is it jewelry?", "Is it jewellery?", "Is it a piece of jewelry?"], [], []),
     "Garden Supplies": (["Is it a garden tool?", "Is it used in the garden?", "Is it used for gardening?"], [], []),
-    "Tools": (["Is it a tool?", "Is it a hand tool?"], ["shovel", "rake"], []),
+    "Tools": (["Is it a tool?"], ["shovel", "rake"], []),
 }
 
 
@@ -240,8 +268,12 @@ def make_twentyq(name, seed, objects=None):
             oracle.setdefault(normalize(p), q)
     names = {n: o for n, o in names.items() if o in secrets}
 
+    # A plural name has its singular or "pair of" among its synonyms (pants: pant, scissors:
+    # pair of scissors) and takes no article; "bus" or "cactus" do not.
+    plural = {s for s in secrets if s.endswith("s") and (s[:-1] in names or f"pair of {s}" in names)}
+
     def guess(s):
-        article = "" if s.endswith("s") and s not in ("glass",) else ("an " if s[0] in "aeiou" else "a ")
+        article = "" if s in plural else ("an " if s[0] in "aeiou" else "a ")
         return f"Is it {article}{s}?"
 
     subset = objects is not None
@@ -279,7 +311,8 @@ def make_guess_my_city(name, seed):
     yn = lambda b: YES if b else NO
     for cont in sorted({r["continent"] for r in rows}):
         add([f"Is it in {cont}?", f"Is the city in {cont}?", f"Is it located in {cont}?"], lambda r, c=cont: yn(r["continent"] == c))
-    for country in sorted({r["country"] for r in rows}):
+    # "Is it in Singapore?" names the city: it is a guess, not a question about the country.
+    for country in sorted({r["country"] for r in rows} - set(secrets)):
         add([f"Is it in {with_the(country)}?", f"Is the city in {with_the(country)}?", f"Is it a city in {with_the(country)}?"],
             lambda r, c=country: yn(r["country"] == c))
     for h in ("northern", "southern"):
@@ -316,8 +349,9 @@ def make_guess_my_city(name, seed):
         lambda r: f"It has a {r['climate']} climate.")
     add(["What river runs through it?", "Which river is it on?", "What river is it on?"],
         lambda r: "No major river runs through it." if r["river"] == "none" else f"The {r['river']} runs through it.")
+    # No landmark question: each hint is unique, so it would settle every game in one turn.
     return KnowledgeGame(name, secrets, names, bank, answers, oracle, lambda s: f"Is it {s}?", seed,
-                         p_random=0.5, p_guess=0.1, least_informative=False)
+                         p_random=0.5, p_guess=0.1, least_informative=False, name_anywhere=True)
 
 
 def make_env(name: str, seed: int = 0) -> KnowledgeGame:
@@ -367,15 +401,17 @@ def main():
     rng = random.Random(a.seed)
     print(f"{a.game}: {len(env.secrets)} secrets, {len(env.questions)} questions in the bank "
           f"(e.g. {env.questions[0]!r}). Ask yes/no questions; name the secret to win. Ctrl-D quits.")
+    total = 0.0
     while not env.done:
         try:
             u = getattr(env, a.demo)(rng) if a.demo else input(f"[{env.turn + 1}] > ")
         except EOFError:
             break
-        state, reward, done = env.step(u)
-        print(state.splitlines()[-1] if a.demo else "   " + state.splitlines()[-1].rsplit(" ", 0)[0])
-    total = -sum(1 for k, _, a_ in env.history if not (k == "guess" and a_ == YES))
-    print(f"{'won' if env.won else 'lost'} in {env.turn} turns (return {total}); the secret was {env.secret}.")
+        _, reward, _ = env.step(u)
+        total += reward
+        # A watcher sees question and answer; a player has just typed the question.
+        print(env.state.splitlines()[-1] if a.demo else "   " + env.history[-1][2])
+    print(f"{'won' if env.won else 'lost'} in {env.turn} turns (return {total:g}); the secret was {env.secret}.")
 
 
 if __name__ == "__main__":

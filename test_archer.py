@@ -62,6 +62,9 @@ COMMON_SENSE = [  # (object, question, answer)
     ("basketball", "Is it round?", "Yes."), ("basketball", "Is it used for sports?", "Yes."), ("lego", "Is it made of plastic?", "Yes."),
     ("toothbrush", "Is it an office supply?", "No."), ("refrigerator", "Is it used outdoors?", "No."),
     ("drum", "Does it make sound?", "Yes."), ("scissors", "Is it sharp?", "Yes."), ("meteorite", "Does it come from space?", "Yes."),
+    ("apple", "Is it round?", "Yes."), ("plate", "Is it round?", "Yes."), ("plate", "Is it spherical?", "No."),
+    ("tree", "Does it have a trunk?", "Yes."), ("apple", "Is it natural?", "Yes."), ("pillow", "Is it furniture?", "No."),
+    ("sculpture", "Is it art?", "Yes."), ("paintbrush", "Is it art?", "No."), ("refrigerator", "Does it have shelves?", "Yes."),
 ]
 
 
@@ -80,7 +83,8 @@ def load_city_facts():
 
 def test_city_facts(city):
     facts = load_city_facts() + [("Cairo", "Is it in Africa?", "Yes"), ("Tokyo", "Is it on the coast?", "Yes"),
-                                 ("Lima", "What continent is it on?", "It is in South America")]
+                                 ("Lima", "What continent is it on?", "It is in South America"),
+                                 ("Sao Paulo", "Is it on the Tiete?", "Yes")]  # accents folded: Tietê
     assert len(facts) >= 25
     for name, question, expected in facts:
         secret = city.names[envs.normalize(name)]
@@ -94,6 +98,19 @@ def test_city_oracle_never_says_the_name(city):
         for q, answers in city.answers.items():
             for n in names:
                 assert not re.search(rf"\b{re.escape(n.lower())}\b", answers[row["city"]].lower()), (row["city"], q)
+    # Nor any other city of the list: an answer is never a guess in disguise.
+    assert not [a for answers in city.answers.values() for a in answers.values() if city.named(envs.normalize(a))]
+
+
+def test_city_guess_is_naming_exactly_one_city(city):
+    for secret, utterance, reward, answer in [
+            ("Lima", "I think it is Lima.", 0, "Yes."), ("Singapore", "Is it in Singapore?", 0, "Yes."),
+            ("Sao Paulo", "Is it São Paulo?", 0, "Yes."), ("Mumbai", "Is it Bombay?", 0, "Yes."),
+            ("Santiago", "Is it Santiago de Chile?", 0, "Yes."), ("Lima", "Is it near Cairo?", -1, "No."),
+            ("Lima", "Is it Lima or Paris?", -1, envs.INVALID), ("Cali", "Is it in California?", -1, envs.INVALID)]:
+        city.reset(secret)
+        state, r, done = city.step(utterance)
+        assert (r, done, state.splitlines()[-1]) == (reward, reward == 0, f"{envs.clean(utterance)} {answer}"), utterance
 
 
 def test_paraphrases_agree(tq):
@@ -168,6 +185,17 @@ def test_bad_utterances_never_crash(tq):
     lines = state.splitlines()
     assert lines[3] == "Is it an animal? Yes."  # only the first line of a multi-line utterance
     assert max(len(line) for line in lines) <= envs.MAX_CHARS + 20
+
+
+def test_demonstrator_never_repeats_and_reference_ignores_its_rng():
+    for name in envs.ENV_NAMES:
+        env, rng = envs.make_env(name, seed=0), random.Random(0)
+        for _ in range(30):
+            asked = [u for _, u, *_ in envs.play(env, lambda g: g.demonstrator(rng))]
+            assert len(asked) == len(set(asked)), asked
+        secret = env.secrets[7]
+        assert envs.play(env, lambda g: g.reference(random.Random(1)), secret) == \
+            envs.play(env, lambda g: g.reference(random.Random(2)), secret)
 
 
 def test_unknown_game_and_secret():
