@@ -591,8 +591,9 @@ def train(args: Args):
         critic.start_pessimistic(min(r_min, 0.0) / (1 - args.gamma))
         target.load_state_dict(critic.state_dict())
         bc_loss = behaviour_clone(policy, demos, args, rng)
+        demo = summarize(demos)
         warm = {"iteration": -1, "env_steps": 0, "bc_loss": bc_loss, "seconds": time.time() - t0,
-                "demo_return": summarize(demos)["return"], "demo_success": summarize(demos)["success"]}
+                "demo_return": demo["return"], "demo_success": demo["success"]}
         warm.update(evaluate(policy, args.env, args.seed, args.temperature))
         log = [warm]
         with open(metrics_path, "w") as f:
@@ -621,10 +622,9 @@ def train(args: Args):
         # sampled up front (the policy does not change during critic steps), one batch at a time:
         # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
         batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-        fresh = [a for b in batches for a in policy.sample(b[0], args.temperature)[0]]
+        fresh = [policy.sample(b[0], args.temperature)[0] for b in batches]
         c_losses, c_stats = [], []
-        for k, batch in enumerate(batches):
-            a_fresh = fresh[k * args.batch_size : (k + 1) * args.batch_size]
+        for batch, a_fresh in zip(batches, fresh):
             loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
             clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
             polyak(target, critic, args.tau)
@@ -672,7 +672,7 @@ def train(args: Args):
             "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args)})
     final = next((m for m in reversed(log) if "eval_success" in m), {})
     if final:
-        print(f"final evaluation ({args.env}, {len(envs.make_env(args.env).secrets)} held-out secrets): greedy success "
+        print(f"final evaluation ({args.env}, {len(env0.secrets)} held-out secrets): greedy success "
               f"{final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f}; "
               f"sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
     return policy, critic, log
