@@ -49,6 +49,9 @@ from tqdm import tqdm
 import envs
 
 
+ALGOS = ("archer", "filtered_bc", "reinforce")
+
+
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass; every field becomes a command-line flag (--field-name).
 # ----------------------------------------------------------------------------------------
@@ -63,6 +66,8 @@ class Args:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt on the held-out set and exit"})
+    algo: str = field(default="archer", metadata={"help": "learning rule: " + ", ".join(ALGOS) + " (the last two are baselines)"})
+    max_env_steps: int = field(default=0, metadata={"help": "also stop once this many environment steps were played (0: no limit)"})
     # warm start (behaviour cloning on the game's demonstrator)
     bc_games: int = field(default=2000, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
     bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps"})
@@ -370,23 +375,26 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
 # ----------------------------------------------------------------------------------------
-def play(policy: Policy, games, secrets, temperature=1.0, greedy=False):
+def play(policy: Policy, games, secrets, temperature=1.0, greedy=False, keep_ids=False):
     """Play len(games) games to the end. Returns one list of transitions
-    (state, utterance, reward, next_state, done) per game."""
+    (state, utterance, reward, next_state, done) per game; with keep_ids, also the sampled
+    token ids of every utterance ((T_i,) tensors, newline included), for token-level losses."""
     states = [g.reset(secret=s) for g, s in zip(games, secrets)]
-    trajs = [[] for _ in games]
+    trajs, ids = [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
-        texts = policy.sample([states[i] for i in live], temperature, greedy)[0]
+        texts, _, _, gen, amask = policy.sample([states[i] for i in live], temperature, greedy)
         still = []
-        for i, text in zip(live, texts):
+        for j, (i, text) in enumerate(zip(live, texts)):
             nxt, r, done = games[i].step(text)
             trajs[i].append((states[i], text, float(r), nxt, bool(done)))
+            if keep_ids:
+                ids[i].append(gen[j][amask[j].bool()].cpu())
             states[i] = nxt
             if not done:
                 still.append(i)
         live = still
-    return trajs
+    return (trajs, ids) if keep_ids else trajs
 
 
 def summarize(trajs):
@@ -483,18 +491,23 @@ def demonstrations(name: str, n: int, seed: int):
     return [envs.play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
 
 
+def imitation_loss(policy: Policy, pairs):
+    """-log pi(utterance + newline | state), averaged over tokens, on (state, utterance) pairs.
+    The utterance is tokenized from its text: cloning imitates text, whatever ids produced it."""
+    pids, pmask = policy.encode([s for s, _ in pairs])
+    enc = policy.tok([a + "\n" for _, a in pairs], return_tensors="pt", padding="longest",
+                     add_special_tokens=False, padding_side="right")
+    aids, amask = enc.input_ids.to(pids.device), enc.attention_mask.to(pids.device)
+    return -sequence_logprobs(policy, pids, pmask, aids, amask).sum() / amask.sum()
+
+
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
-    """Maximize log pi(utterance + newline | state) on demonstrator transitions (token mean)."""
+    """Maximize log pi(utterance + newline | state) on demonstrator transitions."""
     pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
     opt = torch.optim.AdamW(policy.model.parameters(), lr=args.bc_lr, weight_decay=0.0)
     bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False)
     for step in bar:
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
-        pids, pmask = policy.encode([s for s, _ in batch])
-        enc = policy.tok([a + "\n" for _, a in batch], return_tensors="pt", padding="longest",
-                         add_special_tokens=False, padding_side="right")
-        aids, amask = enc.input_ids.to(pids.device), enc.attention_mask.to(pids.device)
-        loss = -sequence_logprobs(policy, pids, pmask, aids, amask).sum() / amask.sum()
+        loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
         # A short linear warm-up then cosine decay: from-scratch tiny models need the large lr
         # early and a small one late to settle on the state-dependent choices.
         for g in opt.param_groups:
@@ -502,6 +515,39 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
         clipped_step(opt, policy.model.parameters(), loss, args.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
+
+
+# ----------------------------------------------------------------------------------------
+# Baselines (--algo): the same warm start, rollouts and evaluation; only the learning rule
+# differs, so a comparison with ArCHer measures the rule and nothing else.
+#   filtered_bc: online filtered behaviour cloning, clone the best 10% of the games so far.
+#   reinforce:   token-level policy gradient on Monte Carlo returns, no critic (the stand-in
+#                for the paper's token-level PPO: on-policy, one update per sample).
+# ----------------------------------------------------------------------------------------
+def elite(dialogues, frac: float = 0.1):
+    """The dialogues whose return is in the top `frac` of all collected so far (ties at the
+    cut are kept, so a plateau of equal returns is cloned whole)."""
+    rets = sorted((sum(tr[2] for tr in d) for d in dialogues), reverse=True)
+    cut = rets[max(1, math.ceil(len(rets) * frac)) - 1]
+    return [d for d in dialogues if sum(tr[2] for tr in d) >= cut]
+
+
+def returns_to_go(rewards, gamma: float):
+    """G_t = r_t + gamma * G_{t+1}: the Monte Carlo return from each turn of one dialogue."""
+    out, g = [], 0.0
+    for r in reversed(rewards):
+        g = r + gamma * g
+        out.append(g)
+    return out[::-1]
+
+
+def utterance_logprobs(policy: Policy, states, ids, temperature: float):
+    """sequence_logprobs of utterances given as the token ids that were sampled (list of (T_i,)
+    tensors), so the gradient is on exactly what the policy did. Shape (B,)."""
+    pids, pmask = policy.encode(states)
+    aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
+    amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
+    return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature)
 
 
 # ----------------------------------------------------------------------------------------
@@ -534,6 +580,8 @@ def train(args: Args):
     """Warm start, then ArCHer iterations. Returns (policy, critic, list of metric dicts)."""
     if args.env not in envs.ENV_NAMES:
         fail(f"unknown game '{args.env}'; choose one of: {', '.join(envs.ENV_NAMES)}")
+    if args.algo not in ALGOS:
+        fail(f"unknown --algo '{args.algo}'; choose one of: {', '.join(ALGOS)}")
     seed_everything(args.seed)
     rng = random.Random(args.seed)  # the trainer's own stream: secrets and buffer sampling
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -554,6 +602,7 @@ def train(args: Args):
     buffer = ReplayBuffer(args.buffer_size)
     log = []
     start_it, env_steps = 0, 0
+    dialogues = []  # filtered_bc: every game played so far
     n_actor = sum(p.numel() for p in policy.model.parameters())
     n_critic = sum(p.numel() for p in critic.parameters())
     print(f"actor {args.model}: {n_actor / 1e6:.2f}M params | critic {args.critic}: {n_critic / 1e6:.2f}M params | device {dev}")
@@ -566,7 +615,7 @@ def train(args: Args):
         actor_opt.load_state_dict(ck["actor_opt"])
         critic_opt.load_state_dict(ck["critic_opt"])
         buffer.data, buffer.next = ck["buffer"], ck["buffer_next"]
-        start_it, env_steps, log = ck["iteration"] + 1, ck["env_steps"], ck["log"]
+        start_it, env_steps, log, dialogues = ck["iteration"] + 1, ck["env_steps"], ck["log"], ck["dialogues"]
         set_rng_states(ck["rng"], rng)
         print(f"resumed from {ckpt_path} at iteration {start_it}")
     elif args.resume or args.eval_only:
@@ -584,7 +633,7 @@ def train(args: Args):
         # (the critic's first targets then come from real, if suboptimal, play).
         t0 = time.time()
         demos = demonstrations(args.env, args.bc_games, args.seed + 1)
-        for traj in demos:
+        for traj in demos if args.algo == "archer" else []:
             for tr in traj:
                 buffer.add(tr)
         r_min = min(tr[2] for traj in demos for tr in traj)
@@ -603,56 +652,87 @@ def train(args: Args):
               f"{warm['eval_return']:.2f} | sampled success {warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
 
     games = [envs.make_env(args.env, seed=args.seed * 1000 + i) for i in range(args.games)]
-    bar = tqdm(range(start_it, args.iterations), desc="ArCHer", initial=start_it, total=args.iterations)
+    end = start_it if 0 < args.max_env_steps <= env_steps else args.iterations  # a resumed run may be done
+    bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations)
     for it in bar:
         t0 = time.time()
         m = {"iteration": it}
         # 1. Rollouts with the current policy, sampled at the training temperature.
         policy.model.eval()
-        trajs = play(policy, games, [rng.choice(games[0].secrets) for _ in games], args.temperature)
-        for traj in trajs:
-            for tr in traj:
-                buffer.add(tr)
+        trajs, ids = play(policy, games, [rng.choice(games[0].secrets) for _ in games], args.temperature, keep_ids=True)
+        if args.algo == "archer":
+            for traj in trajs:
+                for tr in traj:
+                    buffer.add(tr)
         env_steps += sum(len(t) for t in trajs)
         roll = summarize(trajs)
         m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"],
                  invalid=float(np.mean([x[3].endswith("Invalid question.\n") for t in trajs for x in t])))
 
-        # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
-        # sampled up front (the policy does not change during critic steps), one batch at a time:
-        # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
-        batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-        fresh = [policy.sample(b[0], args.temperature)[0] for b in batches]
-        c_losses, c_stats = [], []
-        for batch, a_fresh in zip(batches, fresh):
-            loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
-            clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
-            polyak(target, critic, args.tau)
-            c_losses.append(loss.item())
-            c_stats.append(st)
-        m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
-                 v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
+        if args.algo == "archer":
+            # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
+            # sampled up front (the policy does not change during critic steps), one batch at a time:
+            # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
+            batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
+            fresh = [policy.sample(b[0], args.temperature)[0] for b in batches]
+            c_losses, c_stats = [], []
+            for batch, a_fresh in zip(batches, fresh):
+                loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
+                clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
+                polyak(target, critic, args.tau)
+                c_losses.append(loss.item())
+                c_stats.append(st)
+            m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
+                     v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
 
-        # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
-        # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
-        a_losses, advs = [], []
-        if it >= args.warmup_iters:
+            # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
+            # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
+            a_losses, advs = [], []
+            if it >= args.warmup_iters:
+                for _ in range(args.actor_steps):
+                    states = buffer.sample(args.batch_size, rng)[0]
+                    texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
+                    adv = advantage(critic, states, texts)
+                    policy.model.train()
+                    logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
+                    loss = actor_loss(logp, adv)
+                    clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                    policy.model.eval()
+                    a_losses.append(loss.item())
+                    advs.append(adv.mean().item())
+            m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
+                     advantage_mean=float(np.mean(advs)) if advs else None)
+
+        elif args.algo == "filtered_bc":  # clone the best games so far, no critic
+            dialogues.extend(trajs)
+            pairs = [(s, a) for d in elite(dialogues) for (s, a, *_rest) in d]
+            a_losses = []
+            policy.model.train()
             for _ in range(args.actor_steps):
-                states = buffer.sample(args.batch_size, rng)[0]
-                texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
-                adv = advantage(critic, states, texts)
-                policy.model.train()
-                logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
-                loss = actor_loss(logp, adv)
+                loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
                 clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                policy.model.eval()
                 a_losses.append(loss.item())
-                advs.append(adv.mean().item())
-        m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
-                 advantage_mean=float(np.mean(advs)) if advs else None)
+            policy.model.eval()
+            m.update(actor_loss=float(np.mean(a_losses)), elite_transitions=len(pairs))
+
+        else:  # reinforce: every transition of this iteration once, split into actor_steps batches
+            flat = [(tr[0], x, g) for traj, tids in zip(trajs, ids)
+                    for tr, x, g in zip(traj, tids, returns_to_go([t[2] for t in traj], args.gamma))]
+            rng.shuffle(flat)
+            a_losses = []
+            policy.model.train()
+            for k in range(args.actor_steps):
+                part = flat[k::args.actor_steps]
+                logp = utterance_logprobs(policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
+                # actor_loss's normalization is the mean baseline (and a common scale with ArCHer)
+                loss = actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
+                clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                a_losses.append(loss.item())
+            policy.model.eval()
+            m.update(actor_loss=float(np.mean(a_losses)))
 
         # 4. Held-out evaluation, metrics, checkpoint.
-        last = it == args.iterations - 1
+        last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
         if (it + 1) % args.eval_every == 0 or last:
             m.update(evaluate(policy, args.env, args.seed, args.temperature))
         m["seconds"] = time.time() - t0
@@ -660,8 +740,9 @@ def train(args: Args):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
-                f"{m['train_success']:4.0%} invalid {m['invalid']:4.0%} | critic {m['critic_loss']:.3f} "
-                f"q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}")
+                f"{m['train_success']:4.0%} invalid {m['invalid']:4.0%}")
+        if "critic_loss" in m:
+            line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
         if "eval_success" in m:
             line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
         tqdm.write(line + f" | {m['seconds']:.1f}s")
@@ -669,7 +750,9 @@ def train(args: Args):
             "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
             "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "buffer": buffer.data, "buffer_next": buffer.next, "iteration": it, "env_steps": env_steps,
-            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args)})
+            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args), "dialogues": dialogues})
+        if last:
+            break
     final = next((m for m in reversed(log) if "eval_success" in m), {})
     if final:
         print(f"final evaluation ({args.env}, {len(env0.secrets)} held-out secrets): greedy success "
