@@ -1,0 +1,149 @@
+"""Side-by-side benchmark: ArCHer against its baselines at the same budget of environment steps.
+
+Runs `archer.py --algo A --env G --seed S` for every algorithm, game and seed (each run in its
+own directory, resumed if interrupted, skipped if finished), then writes a markdown table and,
+when matplotlib is installed, one learning-curve PNG per game:
+
+    python benchmark.py                                   # 3 seeds, both Twenty Questions games
+    python benchmark.py --games twentyq_subset --env-steps 5000 --seeds 1 -- --bc-steps 300
+
+Flags after `--` go to every archer.py run unchanged. The question it answers is the paper's
+headline: how many environment steps does each learning rule need to play well?
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import archer
+import envs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_dir(out, game, algo, seed):
+    return os.path.join(out, game, algo, f"seed{seed}")
+
+
+def read_log(path):
+    """The metrics of one run (empty if it never started)."""
+    f = os.path.join(path, "metrics.jsonl")
+    return [json.loads(line) for line in open(f)] if os.path.exists(f) else []
+
+
+def finished(log, budget):
+    return bool(log) and log[-1]["env_steps"] >= budget and "eval_success" in log[-1]
+
+
+def run(game, algo, seed, args, extra):
+    """One archer.py run to the step budget; resumes from its checkpoint when there is one."""
+    path = run_dir(args.out, game, algo, seed)
+    if finished(read_log(path), args.env_steps):
+        print(f"done already: {path}")
+        return
+    cmd = [sys.executable, os.path.join(HERE, "archer.py"), "--algo", algo, "--env", game, "--seed", str(seed),
+           "--out", path, "--max-env-steps", str(args.env_steps), "--iterations", "1000000",
+           "--eval-every", str(args.eval_every), *extra]
+    if os.path.exists(os.path.join(path, "checkpoint.pt")):
+        cmd.append("--resume")
+    print("running:", " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"error: the run in {path} failed (its output is above); fix it and rerun, finished runs are kept")
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def curve(log):
+    """(env_steps, greedy success) at the warm start and at every evaluation."""
+    return [(m["env_steps"], m["eval_success"]) for m in log if "eval_success" in m]
+
+
+def steps_to(log, level):
+    """The first evaluated env step count at which greedy success reached `level` (None: never)."""
+    return next((s for s, v in curve(log) if v >= level), None)
+
+
+def reference_success(game):
+    env = envs.make_env(game, seed=0)
+    return envs.evaluate_player(env, env.reference)["success"]
+
+
+def report(game, args):
+    """Markdown rows for one game and, with matplotlib, its PNG. Returns the table as text."""
+    logs = {a: [read_log(run_dir(args.out, game, a, s)) for s in args.seeds] for a in args.algos}
+    finals = {a: [next(m for m in reversed(L) if "eval_success" in m) for L in logs[a]] for a in args.algos}
+    target = 0.8 * mean_std([f["eval_success"] for f in finals["archer"]])[0] if "archer" in finals else None
+    rows = [f"### {game}: {args.env_steps} environment steps, seeds {' '.join(map(str, args.seeds))}", "",
+            "| algorithm | greedy success | greedy return | sampled success | sampled return "
+            "| steps to 80% of ArCHer's success | steps / ArCHer's | wall time |", "|---|---|---|---|---|---|---|---|"]
+    reach = {}
+    for a in args.algos:
+        cols = []
+        for k in ("eval_success", "eval_return", "eval_sampled_success", "eval_sampled_return"):
+            m, s = mean_std([f[k] for f in finals[a]])
+            cols.append(f"{m:.0%} ± {s:.0%}" if "success" in k else f"{m:.2f} ± {s:.2f}")
+        hits = [steps_to(L, target) for L in logs[a]] if target is not None else [None]
+        reach[a] = mean_std(hits)[0] if None not in hits else None
+        base = reach.get("archer")
+        ratio = f"{reach[a] / base:.1f}x" if reach[a] is not None and base else "-"
+        wall = mean_std([sum(m["seconds"] for m in L) for L in logs[a]])[0]
+        cols += [f"{reach[a]:.0f}" if reach[a] is not None else "not reached", ratio, f"{wall / 60:.1f} min"]
+        rows.append(f"| {a} | " + " | ".join(cols) + " |")
+    plot(game, logs, args)
+    return "\n".join(rows) + "\n"
+
+
+def plot(game, logs, args):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: table only (pip install matplotlib for the plots)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a, runs in logs.items():
+        curves = [curve(L) for L in runs]
+        n = min(len(c) for c in curves)  # evaluations every run reached
+        xs = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
+        ys = [[c[i][1] for c in curves] for i in range(n)]
+        ax.plot(xs, [sum(y) / len(y) for y in ys], label=a)
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+    warm = [L[0]["eval_success"] for runs in logs.values() for L in runs]
+    ax.axhline(sum(warm) / len(warm), color="gray", ls=":", label="warm start")
+    ax.axhline(reference_success(game), color="black", ls="--", label="reference player")
+    ax.set(xlabel="environment steps", ylabel="held-out greedy success", title=f"{game} (min-max over seeds)")
+    ax.legend()
+    path = os.path.join(args.out, f"{game}.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--games", nargs="+", default=["twentyq_subset", "twentyq"], choices=envs.ENV_NAMES)
+    p.add_argument("--algos", nargs="+", default=list(archer.ALGOS), choices=archer.ALGOS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--env-steps", type=int, default=25000, help="budget of environment steps per run")
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between held-out evaluations")
+    p.add_argument("--out", default="runs/benchmark", help="one directory per run below it; table and plots here")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    for game in args.games:
+        for algo in args.algos:
+            for seed in args.seeds:
+                run(game, algo, seed, args, extra)
+    table = "\n".join(report(game, args) for game in args.games)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
