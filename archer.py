@@ -9,7 +9,8 @@ Hierarchical Multi-Turn RL" (2024, arXiv 2402.19446). Two RL problems at two tim
     utterance, with the critic's advantage A = min Q - min V as the utterance's reward.
 
 Read top to bottom: config -> models -> token plumbing -> critic -> replay buffer -> rollouts
--> losses -> evaluation -> warm start -> checkpoints -> training loop.
+-> losses -> evaluation -> warm start -> baselines (--algo filtered_bc | reinforce, for the
+comparison in benchmark.py) -> checkpoints -> training loop.
 
 Deliberate deviations from the paper and its reference code (each explained where it happens):
   1. Log-probs are those of the token ids that were sampled, at the sampling temperature,
@@ -36,6 +37,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +91,7 @@ class Args:
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out set every N iterations"})
+    save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end, and on Ctrl-C)"})
 
 
 def parse_args(argv=None) -> Args:
@@ -99,6 +103,7 @@ def parse_args(argv=None) -> Args:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    p.error = fail  # a mistyped flag is one line and exit status 2, like every other user mistake
     return Args(**vars(p.parse_args(argv)))
 
 
@@ -456,12 +461,20 @@ def actor_loss(logp, adv):
     return -(a * logp).mean()
 
 
-def clipped_step(opt, params, loss, max_norm: float):
-    """One optimizer step on this network's parameters only (fresh gradients, clipped)."""
+def clipped_step(opt, params, loss, max_norm: float) -> bool:
+    """One optimizer step on this network's parameters only (fresh gradients, clipped).
+
+    A non-finite loss or gradient norm skips the step (returns False, with a warning): one NaN
+    let through would turn every weight, and the optimizer's moments, into NaN for good."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
+    if torch.isfinite(loss):
+        loss.backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)):
+            opt.step()
+            return True
+    opt.zero_grad(set_to_none=True)
+    tqdm.write(f"warning: non-finite loss or gradient ({loss.item()}); update skipped", file=sys.stderr)
+    return False
 
 
 # ----------------------------------------------------------------------------------------
@@ -573,21 +586,63 @@ def set_rng_states(st, rng: random.Random):
     rng.setstate(st["trainer"])
 
 
-# ----------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------
-def train(args: Args):
-    """Warm start, then ArCHer iterations. Returns (policy, critic, list of metric dicts)."""
+def check_args(args: Args):
+    """Impossible settings fail at once, in one line, before anything is built or written."""
     if args.env not in envs.ENV_NAMES:
         fail(f"unknown game '{args.env}'; choose one of: {', '.join(envs.ENV_NAMES)}")
     if args.algo not in ALGOS:
         fail(f"unknown --algo '{args.algo}'; choose one of: {', '.join(ALGOS)}")
+    for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} cannot be negative (got {getattr(args, name)})")
+    for name in ("bc_lr", "critic_lr", "actor_lr", "grad_clip", "temperature"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not 0 < args.tau <= 1:
+        fail(f"--tau must be in (0, 1] (got {args.tau}): the share of the online critic mixed into the target per step")
+    if not 0 <= args.gamma < 1:
+        fail(f"--gamma must be in [0, 1) (got {args.gamma})")
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        fail(f"--device {args.device}: use auto, cpu or cuda (cuda only where a GPU is visible)")
+
+
+def load_checkpoint(path, args: Args, dev):
+    """The checkpoint at `path`, refused in one line if it is unreadable or from another run;
+    a refused file is left as it is."""
+    try:
+        ck = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:  # truncated, corrupt, not a checkpoint: all the same to the user
+        fail(f"cannot read the checkpoint {path} ({type(e).__name__}); it is left untouched: "
+             "best.pt beside it holds the best evaluated state, or start a new run in another --out")
+    saved = ck.get("args", {}) if isinstance(ck, dict) else {}
+    for key in ("env", "model", "critic", "algo"):
+        if saved.get(key) != getattr(args, key):
+            fail(f"{path} is a run with --{key} {saved.get(key)}, not {getattr(args, key)}; "
+                 f"resume it with the same flags or use another --out")
+    return ck
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------
+def train(args: Args):
+    """Warm start, then iterations of args.algo. Returns (policy, critic, list of metric dicts)."""
+    check_args(args)
+    ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
+    if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
+        flag = "--resume" if args.resume else "--eval-only"
+        fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
+    if not (args.resume or args.eval_only) and os.path.exists(ckpt_path):
+        fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
     seed_everything(args.seed)
     rng = random.Random(args.seed)  # the trainer's own stream: secrets and buffer sampling
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
+    ck = load_checkpoint(ckpt_path, args, dev) if args.resume or args.eval_only else None
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
     env0 = envs.make_env(args.env, seed=args.seed)
 
     model, tok = load_actor(args.model, env0)
@@ -601,26 +656,26 @@ def train(args: Args):
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     buffer = ReplayBuffer(args.buffer_size)
     log = []
-    start_it, env_steps = 0, 0
+    start_it, env_steps, best = 0, 0, None  # best: (greedy success, return) of the best evaluation
     dialogues = []  # filtered_bc: every game played so far
     n_actor = sum(p.numel() for p in policy.model.parameters())
     n_critic = sum(p.numel() for p in critic.parameters())
     print(f"actor {args.model}: {n_actor / 1e6:.2f}M params | critic {args.critic}: {n_critic / 1e6:.2f}M params | device {dev}")
 
-    if (args.resume or args.eval_only) and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        policy.model.load_state_dict(ck["actor"])
-        critic.load_state_dict(ck["critic"])
-        target.load_state_dict(ck["target"])
-        actor_opt.load_state_dict(ck["actor_opt"])
-        critic_opt.load_state_dict(ck["critic_opt"])
+    if ck is not None:
+        try:
+            policy.model.load_state_dict(ck["actor"])
+            critic.load_state_dict(ck["critic"])
+            target.load_state_dict(ck["target"])
+            actor_opt.load_state_dict(ck["actor_opt"])
+            critic_opt.load_state_dict(ck["critic_opt"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            fail(f"{ckpt_path} does not fit these models ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         buffer.data, buffer.next = ck["buffer"], ck["buffer_next"]
         start_it, env_steps, log, dialogues = ck["iteration"] + 1, ck["env_steps"], ck["log"], ck["dialogues"]
+        best = ck["best"]
         set_rng_states(ck["rng"], rng)
         print(f"resumed from {ckpt_path} at iteration {start_it}")
-    elif args.resume or args.eval_only:
-        flag = "--resume" if args.resume else "--eval-only"
-        fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
 
     if args.eval_only:
         ev = evaluate(policy, args.env, args.seed, args.temperature)
@@ -628,7 +683,23 @@ def train(args: Args):
         return policy, critic, log + [ev]
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if start_it == 0:
+
+    def checkpoint(it):
+        """Everything that affects the future, atomically; best.pt keeps the best evaluation."""
+        save_checkpoint(ckpt_path, {
+            "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
+            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "buffer": buffer.data, "buffer_next": buffer.next, "iteration": it, "env_steps": env_steps,
+            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args), "dialogues": dialogues,
+            "best": best})
+        if "eval_success" in log[-1] and best == (log[-1]["eval_success"], log[-1]["eval_return"]):
+            shutil.copyfile(ckpt_path, best_path + ".tmp")
+            os.replace(best_path + ".tmp", best_path)
+
+    if args.resume:  # the metrics file may hold iterations past the checkpoint: rewrite it from the log
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in log)
+    else:
         # Warm start: clone the demonstrator, and seed the replay buffer with its dialogues
         # (the critic's first targets then come from real, if suboptimal, play).
         t0 = time.time()
@@ -650,13 +721,30 @@ def train(args: Args):
         print(f"warm start: bc_loss {bc_loss:.3f} | demonstrator success {warm['demo_success']:.0%} "
               f"return {warm['demo_return']:.2f} | greedy success {warm['eval_success']:.0%} return "
               f"{warm['eval_return']:.2f} | sampled success {warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
+        best = (warm["eval_success"], warm["eval_return"])
+        checkpoint(-1)  # an interrupted run resumes after the warm start, not before it
 
     games = [envs.make_env(args.env, seed=args.seed * 1000 + i) for i in range(args.games)]
     end = start_it if 0 < args.max_env_steps <= env_steps else args.iterations  # a resumed run may be done
+
+    # Ctrl-C or SIGTERM (a scheduler's "time is up") finishes the current iteration, saves a
+    # checkpoint and stops; a second Ctrl-C quits at once. Stopping mid-iteration would save a
+    # half-updated state that --resume could not continue exactly.
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write("stopping after this iteration to save a checkpoint (Ctrl-C again quits at once)")
+
+    old_handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations)
     for it in bar:
         t0 = time.time()
-        m = {"iteration": it}
+        m, skipped = {"iteration": it}, 0
         # 1. Rollouts with the current policy, sampled at the training temperature.
         policy.model.eval()
         trajs, ids = play(policy, games, [rng.choice(games[0].secrets) for _ in games], args.temperature, keep_ids=True)
@@ -678,7 +766,7 @@ def train(args: Args):
             c_losses, c_stats = [], []
             for batch, a_fresh in zip(batches, fresh):
                 loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
-                clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
+                skipped += not clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
                 polyak(target, critic, args.tau)
                 c_losses.append(loss.item())
                 c_stats.append(st)
@@ -696,7 +784,7 @@ def train(args: Args):
                     policy.model.train()
                     logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
                     loss = actor_loss(logp, adv)
-                    clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                    skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
                     policy.model.eval()
                     a_losses.append(loss.item())
                     advs.append(adv.mean().item())
@@ -710,7 +798,7 @@ def train(args: Args):
             policy.model.train()
             for _ in range(args.actor_steps):
                 loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
-                clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
                 a_losses.append(loss.item())
             policy.model.eval()
             m.update(actor_loss=float(np.mean(a_losses)), elite_transitions=len(pairs))
@@ -726,7 +814,7 @@ def train(args: Args):
                 logp = utterance_logprobs(policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
                 # actor_loss's normalization is the mean baseline (and a common scale with ArCHer)
                 loss = actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
-                clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
                 a_losses.append(loss.item())
             policy.model.eval()
             m.update(actor_loss=float(np.mean(a_losses)))
@@ -735,7 +823,8 @@ def train(args: Args):
         last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
         if (it + 1) % args.eval_every == 0 or last:
             m.update(evaluate(policy, args.env, args.seed, args.temperature))
-        m["seconds"] = time.time() - t0
+            best = max(best, (m["eval_success"], m["eval_return"]))
+        m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
         log.append(m)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -746,13 +835,14 @@ def train(args: Args):
         if "eval_success" in m:
             line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
         tqdm.write(line + f" | {m['seconds']:.1f}s")
-        save_checkpoint(ckpt_path, {
-            "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
-            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
-            "buffer": buffer.data, "buffer_next": buffer.next, "iteration": it, "env_steps": env_steps,
-            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args), "dialogues": dialogues})
-        if last:
+        if last or stop or (it + 1) % args.save_every == 0:
+            checkpoint(it)
+        if last or stop:
             break
+    signal.signal(signal.SIGINT, old_handlers[0])
+    signal.signal(signal.SIGTERM, old_handlers[1])
+    if stop:
+        print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
     final = next((m for m in reversed(log) if "eval_success" in m), {})
     if final:
         print(f"final evaluation ({args.env}, {len(env0.secrets)} held-out secrets): greedy success "

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -496,6 +497,107 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
     capsys.readouterr()
     benchmark.main(argv)  # finished runs are not run again
     assert capsys.readouterr().out.count("done already") == len(archer.ALGOS)
+
+
+def metrics_without_times(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert run_archer("--iterations", "4", "--out", straight, *QUICK).returncode == 0
+    assert run_archer("--iterations", "2", "--out", split, *QUICK).returncode == 0
+    r = run_archer("--iterations", "4", "--out", split, "--resume", *QUICK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics_without_times(split) == metrics_without_times(straight)
+    assert len(metrics_without_times(split)) == 5  # warm start + 4 iterations, none twice
+
+
+def test_sigterm_finishes_the_iteration_and_leaves_a_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "archer.py"), "--iterations", "1000", "--out", out, *QUICK],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and (not os.path.exists(metrics) or len(open(metrics).readlines()) < 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and "stopped by signal" in stdout, stderr[-2000:]
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["iteration"] == len(open(metrics).readlines()) - 2 < 999
+    r = run_archer("--iterations", str(ck["iteration"] + 2), "--out", out, "--resume", *QUICK)
+    assert r.returncode == 0 and f"at iteration {ck['iteration'] + 1}" in r.stdout
+
+
+def test_checkpoint_write_is_atomic_and_a_corrupt_one_is_refused_untouched(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    archer.save_checkpoint(path, {"iteration": 1})
+
+    def crash(obj, f):  # a crash halfway through writing
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        archer.save_checkpoint(path, {"iteration": 2})
+    assert torch.load(path, weights_only=False) == {"iteration": 1}  # the previous one is intact
+    monkeypatch.undo()
+    out = str(tmp_path / "run")
+    assert run_archer("--iterations", "1", "--out", out, *QUICK).returncode == 0
+    ck = os.path.join(out, "checkpoint.pt")
+    data = open(ck, "rb").read()
+    open(ck, "wb").write(data[: len(data) // 2])
+    r = run_archer("--iterations", "2", "--out", out, "--resume", *QUICK)
+    assert r.returncode == 2 and "cannot read the checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert open(ck, "rb").read() == data[: len(data) // 2]
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=False)["iteration"] in (-1, 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iterations", "-1"], "--iterations cannot be negative"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--tau", "1.5"], "--tau must be in (0, 1]"),
+    (["--gamma", "1"], "--gamma must be in [0, 1)"),
+    (["--actor-lr=-1e-4"], "--actor-lr must be positive"),
+    (["--batch-size", "many"], "argument --batch-size: invalid int value"),
+])
+def test_impossible_numbers_are_clear_errors(tmp_path, flags, message):
+    r = run_archer("--out", str(tmp_path / "run"), *QUICK, *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "run")
+
+
+def test_a_directory_holding_a_run_is_never_overwritten(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_archer("--iterations", "1", "--out", out, *QUICK).returncode == 0
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    r = run_archer("--iterations", "1", "--out", out, *QUICK)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = run_archer("--iterations", "2", "--out", out, "--resume", "--algo", "reinforce", *QUICK)
+    assert r.returncode == 2 and "--algo archer, not reinforce" in r.stderr and "Traceback" not in r.stderr
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    net = nn.Linear(3, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    w = net.weight.detach().clone()
+    assert not archer.clipped_step(opt, net.parameters(), net(torch.ones(1, 3)).sum() * float("nan"), 1.0)
+    assert torch.equal(net.weight, w)
+    real = archer.critic_loss
+    calls = []
+
+    def poisoned(*a, **k):  # the first critic loss of the run is NaN
+        loss, stats = real(*a, **k)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), stats
+    monkeypatch.setattr(archer, "critic_loss", poisoned)
+    args = archer.parse_args(["--iterations", "2", "--out", str(tmp_path), *QUICK])
+    policy, critic, log = archer.train(args)
+    assert [m["skipped_updates"] for m in log[1:]] == [1, 0]
+    assert all(torch.isfinite(p).all() for p in critic.parameters())
 
 def test_archer_learns_on_the_subset(tmp_path):
     """Seeded, the quick start's own budget (~4 minutes): after the critic's warm-up the policy's
