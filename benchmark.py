@@ -70,7 +70,7 @@ def steps_to(log, level):
 
 def reference_success(game):
     env = envs.make_env(game, seed=0)
-    return envs.evaluate_player(env, env.reference)["success"]
+    return envs.evaluate_player(env, lambda g: g.reference())["success"]
 
 
 def report(game, args):
