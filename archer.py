@@ -79,6 +79,12 @@ class Args:
     games: int = field(default=32, metadata={"help": "games played in parallel per iteration"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and fresh actions"})
     max_new_tokens: int = field(default=12, metadata={"help": "cap on the tokens of one utterance"})
+    stop: str = field(default="\n", metadata={"help": "the string that ends an utterance (default: newline)"})
+    gen_batch_size: int = field(default=0, metadata={"help": "utterances generated per call (0: all at once); bounds generation memory"})
+    # hardware and large models
+    dtype: str = field(default="auto", metadata={"help": "'auto' (bf16 autocast on a GPU that supports it, else float32), 'float32' or 'bfloat16'"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, more compute"})
+    lora_rank: int = field(default=0, metadata={"help": "train LoRA adapters of this rank on the actor instead of all its weights (needs peft; 0: off)"})
     # ArCHer
     buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity in transitions (paper: 10k)"})
     batch_size: int = field(default=64, metadata={"help": "transitions per critic or actor step"})
@@ -146,27 +152,54 @@ def build_tiny_tokenizer(env):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
+def from_pretrained(name: str, role: str):
+    """(model, tokenizer) from a hub name or a local directory, or one clear line and exit 2.
+
+    role 'model' loads a causal LM (the actor), 'critic' a bare encoder. The config is read
+    first, so a model of the wrong kind is refused before any weight is downloaded: an
+    encoder (BERT, RoBERTa...) cannot generate, and an encoder-decoder (T5...) fits neither.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--{role} {name}: no such directory; give a saved model's directory, a hub name or 'tiny'")
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+        encoder_only = cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not cfg.is_decoder
+        if getattr(cfg, "is_encoder_decoder", False) or (role == "model" and encoder_only):
+            need = "a causal language model (GPT-2, Llama...)" if role == "model" else "an encoder (BERT, RoBERTa...) or a causal LM"
+            fail(f"--{role} {name} is a {cfg.model_type} model, which cannot serve here: give {need}")
+        tok = AutoTokenizer.from_pretrained(name)
+        model = (AutoModelForCausalLM if role == "model" else AutoModel).from_pretrained(name)
+    except (OSError, ValueError) as e:
+        fail(f"could not load {'actor' if role == 'model' else 'critic'} model '{name}' ({str(e).splitlines()[0]}); "
+             f"without network access use --{role} tiny or a local directory")
+    # Dropout off: the actor's loss must score the distribution that sampled (it is the
+    # policy-gradient's premise), and the critic's TD targets should not be noisy on purpose.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if tok.pad_token is None:  # GPT-2 / Llama ship without one; any id works, it is masked out
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:
+        fail(f"the tokenizer of '{name}' has no pad, eos or unk token to pad with; add one and save it again")
+    return model, tok
+
+
 def load_actor(name: str, env):
     """Return (causal LM, tokenizer). 'tiny' builds a 2-layer, 64-wide GPT-2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     if name == "tiny":
         tok = build_tiny_tokenizer(env)
-        # Dropout 0: generation and the loss must see the same distribution (the loss assumes
-        # the log-probs of the policy that sampled), and RL on a tiny model needs no dropout.
+        # Dropout 0, as for hub models: generation and the loss must see the same distribution.
         cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=4, n_positions=512,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          bos_token_id=tok.pad_token_id, eos_token_id=tok.pad_token_id)
         model = GPT2LMHeadModel(cfg)
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            fail(f"could not load actor model '{name}' ({str(e).splitlines()[0]}); "
-                 "without network access use --model tiny or a local directory")
-    if tok.pad_token is None:  # GPT-2 / Llama ship without one; any id works, it is masked out
-        tok.pad_token = tok.eos_token
+        model, tok = from_pretrained(name, "model")
     tok.padding_side = "left"  # generation appends on the right, so prompts pad on the left
     tok.truncation_side = "left"  # a too-long dialogue loses its oldest turns, not the newest
     return model, tok
@@ -174,7 +207,7 @@ def load_actor(name: str, env):
 
 def load_critic_encoder(name: str, actor_tok):
     """Return (encoder, tokenizer). 'tiny' is a 2-layer, 64-wide BERT on the actor's tokenizer."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
     if name == "tiny":
         tok = copy.deepcopy(actor_tok)
@@ -183,17 +216,20 @@ def load_critic_encoder(name: str, actor_tok):
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         encoder = BertModel(cfg, add_pooling_layer=False)
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-            encoder = AutoModel.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            fail(f"could not load critic model '{name}' ({str(e).splitlines()[0]}); "
-                 "without network access use --critic tiny or a local directory")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # an encoder attends both ways: the padding side does not matter
+        encoder, tok = from_pretrained(name, "critic")
+    tok.padding_side = "right"  # the critic reads each text's final real token: pad after it
     tok.truncation_side = "left"
     return encoder, tok
+
+
+def with_lora(model, rank: int):
+    """The actor with its weights frozen and rank-r LoRA adapters on every linear layer, which
+    are then all the actor trains (optional: needs the peft package)."""
+    try:
+        import peft
+    except ImportError:
+        fail("--lora-rank needs the peft package: pip install peft (or leave --lora-rank at 0)")
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,18 +239,24 @@ def load_critic_encoder(name: str, actor_tok):
 class Policy:
     """The actor with its tokenizer and the facts about its vocabulary that sampling needs."""
 
-    def __init__(self, model, tok, max_new_tokens: int):
-        self.model, self.tok, self.max_new_tokens = model, tok, max_new_tokens
-        vocab = len(tok)
-        # A token "ends the utterance" if its text contains a newline ("\n", "\n\n", ".\n", ...).
-        texts = tok.batch_decode([[i] for i in range(vocab)])
-        self.stop = torch.tensor(["\n" in t for t in texts])
-        # Special tokens (pad, eos, bos...) are never sampled: an utterance is plain text.
+    def __init__(self, model, tok, max_new_tokens: int, stop: str = "\n", gen_batch_size: int = 0, bf16: bool = False):
+        self.model, self.tok, self.max_new_tokens, self.stop_text = model, tok, max_new_tokens, stop
+        self.gen_batch_size, self.bf16 = gen_batch_size, bf16
+        vocab = model.config.vocab_size  # the logits' width; may exceed len(tok) (padded embeddings)
+        # A token "ends the utterance" if its text contains the stop string ("\n", "\n\n", ".\n"...).
+        texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (vocab - len(tok))
+        self.stop = torch.tensor([stop in t for t in texts])
+        # Special tokens (pad, eos, bos...) and ids beyond the tokenizer are never sampled.
         self.banned = torch.zeros(vocab, dtype=torch.bool)
         self.banned[[i for i in tok.all_special_ids if i < vocab]] = True
+        self.banned[len(tok):] = True
         # Leave room for the utterance inside the model's context window.
         ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
         self.max_prompt = ctx - max_new_tokens
+
+    def amp(self):
+        """Autocast for a forward pass: bf16 matmuls, float32 weights and optimizer (--dtype)."""
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def scores(self, logits, temperature: float):
         """Logits -> the scores actually sampled from: special tokens banned, then temperature.
@@ -245,7 +287,8 @@ class Policy:
         # Under left padding the first real token must sit at position 0, not at the padding's
         # length: positions count real tokens only.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        with self.amp():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, logits, next_pos = out.cache, out.logits[:, -1], pos[:, -1:] + 1
         stop, pad = self.stop.to(dev), self.tok.pad_token_id
         gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
@@ -262,8 +305,9 @@ class Policy:
                 cache.batch_select_indices(keep.nonzero().squeeze(-1))
                 rows, nxt, attn, next_pos = rows[keep], nxt[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=dev)], 1)
-            out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
-                             cache=cache, use_cache=True)
+            with self.amp():
+                out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                                 cache=cache, use_cache=True)
             cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
         gen = gen[:, : t + 1]
         # Action mask: every token up to and including the first stop token (all of them if the
@@ -271,9 +315,21 @@ class Policy:
         is_stop = stop[gen] & (gen != pad)
         ended_before = (is_stop.cumsum(-1) - is_stop.long()) > 0
         amask = (~ended_before).long()
-        texts = [self.tok.decode(g[m.bool()], skip_special_tokens=True).split("\n")[0].strip()
+        texts = [self.tok.decode(g[m.bool()], skip_special_tokens=True).split(self.stop_text)[0].strip()
                  for g, m in zip(gen, amask)]
         return texts, ids, mask, gen, amask
+
+    def generate(self, states, temperature: float = 1.0, greedy: bool = False):
+        """Utterances for many states, --gen-batch-size at a time (generation memory grows with
+        the batch, independently of the training batch). Returns (texts, list of (T_i,) sampled
+        ids on the CPU, stop token included)."""
+        n = self.gen_batch_size or len(states)
+        texts, ids = [], []
+        for k in range(0, len(states), n):
+            t, _, _, gen, amask = self.sample(states[k: k + n], temperature, greedy)
+            texts += t
+            ids += [g[m.bool()].cpu() for g, m in zip(gen, amask)]
+        return texts, ids
 
 
 def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0):
@@ -289,7 +345,8 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     T = action_ids.shape[1]
     # Only the last T + 1 positions need the (vocabulary-sized) output layer.
-    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
+    with policy.amp():
+        logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
     logp = F.log_softmax(policy.scores(logits[:, :-1], temperature), -1)  # (B, T, V)
     tok_logp = logp.gather(-1, action_ids[..., None]).squeeze(-1)  # (B, T)
     return torch.where(action_mask.bool(), tok_logp, torch.zeros_like(tok_logp)).sum(-1)
@@ -299,10 +356,10 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
 # Critic: an encoder with four heads, Q1, Q2 on (state, utterance) and V1, V2 on the state.
 # ----------------------------------------------------------------------------------------
 class Critic(nn.Module):
-    def __init__(self, encoder, tok, max_len: int = 512):
+    def __init__(self, encoder, tok, max_len: int = 512, bf16: bool = False):
         super().__init__()
-        self.encoder, self.tok = encoder, tok
-        self.max_len = min(max_len, getattr(encoder.config, "max_position_embeddings", max_len))
+        self.encoder, self.tok, self.bf16 = encoder, tok, bf16
+        self.max_len = min(max_len, tok.model_max_length, getattr(encoder.config, "max_position_embeddings", max_len))
         h = encoder.config.hidden_size  # head size from the encoder's config, never hard-coded
 
         def head():
@@ -328,9 +385,10 @@ class Critic(nn.Module):
         """
         enc = self.tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_len)
         ids, mask = enc["input_ids"].to(self.encoder.device), enc["attention_mask"].to(self.encoder.device)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H), right-padded
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H), right-padded
         last = mask.sum(1) - 1  # index of the final real token
-        return hidden[torch.arange(len(last), device=last.device), last]
+        return hidden[torch.arange(len(last), device=last.device), last].float()  # heads run in float32
 
     def q(self, states, actions):
         """Q1, Q2 (each (B,)). Deviation 4: one pass over the state followed by the utterance,
@@ -388,13 +446,13 @@ def play(policy: Policy, games, secrets, temperature=1.0, greedy=False, keep_ids
     trajs, ids = [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
-        texts, _, _, gen, amask = policy.sample([states[i] for i in live], temperature, greedy)
+        texts, sampled = policy.generate([states[i] for i in live], temperature, greedy)
         still = []
-        for j, (i, text) in enumerate(zip(live, texts)):
+        for i, text, x in zip(live, texts, sampled):
             nxt, r, done = games[i].step(text)
             trajs[i].append((states[i], text, float(r), nxt, bool(done)))
             if keep_ids:
-                ids[i].append(gen[j][amask[j].bool()].cpu())
+                ids[i].append(x)
             states[i] = nxt
             if not done:
                 still.append(i)
@@ -505,19 +563,20 @@ def demonstrations(name: str, n: int, seed: int):
 
 
 def imitation_loss(policy: Policy, pairs):
-    """-log pi(utterance + newline | state), averaged over tokens, on (state, utterance) pairs.
+    """-log pi(utterance + stop string | state), averaged over tokens, on (state, utterance) pairs.
     The utterance is tokenized from its text: cloning imitates text, whatever ids produced it."""
     pids, pmask = policy.encode([s for s, _ in pairs])
-    enc = policy.tok([a + "\n" for _, a in pairs], return_tensors="pt", padding="longest",
+    enc = policy.tok([a + policy.stop_text for _, a in pairs], return_tensors="pt", padding="longest",
                      add_special_tokens=False, padding_side="right")
     aids, amask = enc.input_ids.to(pids.device), enc.attention_mask.to(pids.device)
     return -sequence_logprobs(policy, pids, pmask, aids, amask).sum() / amask.sum()
 
 
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
-    """Maximize log pi(utterance + newline | state) on demonstrator transitions."""
+    """Maximize log pi(utterance + stop string | state) on demonstrator transitions."""
     pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=args.bc_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
+    policy.model.train()
     bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False)
     for step in bar:
         loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
@@ -527,6 +586,7 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
             g["lr"] = args.bc_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.bc_steps))
         clipped_step(opt, policy.model.parameters(), loss, args.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    policy.model.eval()
     return loss.item()
 
 
@@ -595,12 +655,17 @@ def check_args(args: Args):
     for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps"):
+    for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps",
+                 "gen_batch_size", "lora_rank"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} cannot be negative (got {getattr(args, name)})")
     for name in ("bc_lr", "critic_lr", "actor_lr", "grad_clip", "temperature"):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
+    if not args.stop:
+        fail("--stop cannot be empty: utterances need a string that ends them")
     if not 0 < args.tau <= 1:
         fail(f"--tau must be in (0, 1] (got {args.tau}): the share of the online critic mixed into the target per step")
     if not 0 <= args.gamma < 1:
@@ -642,25 +707,36 @@ def train(args: Args):
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     ck = load_checkpoint(ckpt_path, args, dev) if args.resume or args.eval_only else None
-    os.makedirs(args.out, exist_ok=True)
     env0 = envs.make_env(args.env, seed=args.seed)
+    # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
     model, tok = load_actor(args.model, env0)
-    policy = Policy(model.to(dev), tok, args.max_new_tokens)
+    if args.lora_rank:
+        model = with_lora(model, args.lora_rank)
+    policy = Policy(model.to(dev), tok, args.max_new_tokens, args.stop, args.gen_batch_size, bf16)
+    if not policy.stop.any():
+        fail(f"--stop {args.stop!r}: no token of the actor's vocabulary contains it, so no utterance could end")
     encoder, ctok = load_critic_encoder(args.critic, tok)
-    critic = Critic(encoder, ctok).to(dev)
-    target = copy.deepcopy(critic)  # the only model copy: the critic's target
+    critic = Critic(encoder, ctok, bf16=bf16).to(dev).train()  # train mode: no dropout, but checkpointing
+    if args.grad_checkpointing:
+        for net in (policy.model, critic.encoder):
+            net.activation_checkpointing_enable({"use_reentrant": False})
+    target = copy.deepcopy(critic).eval()  # the only model copy: the critic's target
     for p in target.parameters():
         p.requires_grad_(False)
-    actor_opt = torch.optim.Adam(policy.model.parameters(), lr=args.actor_lr)
+    os.makedirs(args.out, exist_ok=True)
+    actor_opt = torch.optim.Adam([p for p in policy.model.parameters() if p.requires_grad], lr=args.actor_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     buffer = ReplayBuffer(args.buffer_size)
     log = []
     start_it, env_steps, best = 0, 0, None  # best: (greedy success, return) of the best evaluation
     dialogues = []  # filtered_bc: every game played so far
     n_actor = sum(p.numel() for p in policy.model.parameters())
+    n_trained = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     n_critic = sum(p.numel() for p in critic.parameters())
-    print(f"actor {args.model}: {n_actor / 1e6:.2f}M params | critic {args.critic}: {n_critic / 1e6:.2f}M params | device {dev}")
+    print(f"actor {args.model}: {n_actor / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained) | critic {args.critic}: "
+          f"{n_critic / 1e6:.2f}M params | device {dev}{' (bf16 autocast)' if bf16 else ''}")
 
     if ck is not None:
         try:
@@ -762,7 +838,7 @@ def train(args: Args):
             # sampled up front (the policy does not change during critic steps), one batch at a time:
             # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
             batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-            fresh = [policy.sample(b[0], args.temperature)[0] for b in batches]
+            fresh = [policy.generate(b[0], args.temperature)[0] for b in batches]
             c_losses, c_stats = [], []
             for batch, a_fresh in zip(batches, fresh):
                 loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
@@ -825,6 +901,9 @@ def train(args: Args):
             m.update(evaluate(policy, args.env, args.seed, args.temperature))
             best = max(best, (m["eval_success"], m["eval_return"]))
         m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
+        if dev.type == "cuda":  # the iteration's peak, then reset for the next one
+            m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            torch.cuda.reset_peak_memory_stats(dev)
         log.append(m)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -834,7 +913,8 @@ def train(args: Args):
             line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
         if "eval_success" in m:
             line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
-        tqdm.write(line + f" | {m['seconds']:.1f}s")
+        gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
+        tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
         if last or stop or (it + 1) % args.save_every == 0:
             checkpoint(it)
         if last or stop:

@@ -1,7 +1,9 @@
 """Tests: the games (envs.py), then the trainer (archer.py). Run: python -m pytest -q test_archer.py"""
 import csv
+import importlib.util
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -237,9 +239,9 @@ QUICK = ["--bc-games", "200", "--bc-steps", "20", "--games", "8", "--critic-step
          "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--device", "cpu"]
 
 
-def run_archer(*flags, timeout=600):
+def run_archer(*flags, timeout=600, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "archer.py"), *flags], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE)
+                          text=True, timeout=timeout, cwd=HERE, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +253,10 @@ def policy():
 
 
 def test_logprobs_match_model_loss_under_left_padding(policy):
+    check_logprobs_against_model_loss(policy)
+
+
+def check_logprobs_against_model_loss(policy):
     """Our per-utterance log-prob equals -(HF loss x tokens) on each row alone, unpadded."""
     states = ["Questions:\n", "Questions:\nIs it alive? No.\nIs it food? Yes.\n"]
     actions = ["Is it a dog?\n", "Is it a banana?\n"]
@@ -320,17 +326,59 @@ def test_finished_utterances_leave_the_batch_without_changing_the_others(policy)
         assert int(alone[4][0].sum()) == n and torch.equal(alone[3][0, :n], batched[3][i, :n])
 
 
-def test_sample_masks_end_at_the_newline(policy):
+@pytest.mark.parametrize("stop", ["\n", "?"])
+def test_sample_masks_end_at_the_stop_string(policy, stop):
+    policy = archer.Policy(policy.model, policy.tok, max_new_tokens=12, stop=stop)
     torch.manual_seed(3)
     texts, _, _, aids, amask = policy.sample(["Questions:\n"] * 16)
+    ended = 0
     for text, ids, m in zip(texts, aids, amask):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()  # a prefix of ones
         decoded = policy.tok.decode(ids[:n])
-        assert "\n" not in text
-        if n < aids.shape[1] or "\n" in decoded:  # ended by a stop token: it is the last one
-            assert "\n" in policy.tok.decode(ids[n - 1 : n]) and "\n" not in policy.tok.decode(ids[: n - 1])
+        assert stop not in text
+        if n < aids.shape[1] or stop in decoded:  # ended by a stop token: it is the last one
+            assert stop in policy.tok.decode(ids[n - 1 : n]) and stop not in policy.tok.decode(ids[: n - 1])
+            ended += 1
         assert not (ids[:n] == policy.tok.pad_token_id).any()  # special tokens are never sampled
+    assert ended > 0 or stop == "\n"  # untrained, it seldom picks the one newline token; ~160 tokens hold '?'
+
+
+def test_generation_batch_size_does_not_change_what_is_generated(policy):
+    states = ["Questions:\n", "Questions:\nIs it alive? No.\n", "Questions:\nIs it food? Yes.\n"] * 3
+    whole = archer.Policy(policy.model, policy.tok, max_new_tokens=12).generate(states, greedy=True)
+    chunked = archer.Policy(policy.model, policy.tok, max_new_tokens=12, gen_batch_size=2).generate(states, greedy=True)
+    assert whole[0] == chunked[0] and all(torch.equal(a, b) for a, b in zip(whole[1], chunked[1]))
+
+
+def test_bf16_autocast_is_close_to_float32(policy):
+    states, actions = ["Questions:\n", "Questions:\nIs it alive? No.\n"], ["Is it a dog?\n", "Is it food?\n"]
+    pids, pmask = policy.encode(states)
+    enc = policy.tok(actions, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    f32 = archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask)
+    half = archer.Policy(policy.model, policy.tok, max_new_tokens=12, bf16=True)
+    b16 = archer.sequence_logprobs(half, pids, pmask, enc.input_ids, enc.attention_mask)
+    assert b16.dtype == torch.float32 and not torch.equal(f32, b16)  # autocast did run in bf16
+    assert torch.allclose(f32, b16, atol=0.3), (f32, b16)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = archer.build_tiny_tokenizer(envs.make_env("twentyq_subset"))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg).train()
+        if ckpt:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        pol = archer.Policy(model, tok, max_new_tokens=4)
+        loss = archer.imitation_loss(pol, [("Questions:\n", "Is it alive?"), ("Questions:\nIs it alive? No.\n", "Is it food?")])
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 class FakeCritic(nn.Module):
@@ -438,7 +486,130 @@ def test_local_model_directory_loads_through_from_pretrained(tmp_path):
                    "--model", str(tmp_path / "actor"), *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_archer("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run2"), *QUICK)
-    assert r.returncode == 2 and "could not load actor" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- models of each kind, saved like hub models and loaded through from_pretrained ----
+def bpe_tokenizer(specials, template=None, **named):
+    """A byte-level BPE tokenizer trained on the subset's text, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(envs.make_env("twentyq_subset").corpus(), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if template:  # an encoder's [CLS] text [SEP]
+        a, b = template
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{a} $A {b}", special_tokens=[(a, tok.token_to_id(a)), (b, tok.token_to_id(b))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+
+
+@pytest.fixture(scope="module")
+def hub_dirs(tmp_path_factory):
+    """Small models of each kind from configs, saved with save_pretrained: a GPT-2 and a
+    Llama-style actor (neither tokenizer has a pad token; the Llama's embedding is wider than
+    its vocabulary), a BERT and a RoBERTa critic (special tokens around the text)."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import RobertaConfig, RobertaModel
+
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    gtok = bpe_tokenizer(["<|endoftext|>"], eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    ltok = bpe_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    btok = bpe_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], ("[CLS]", "[SEP]"), pad_token="[PAD]", unk_token="[UNK]",
+                         cls_token="[CLS]", sep_token="[SEP]")
+    rtok = bpe_tokenizer(["<s>", "<pad>", "</s>"], ("<s>", "</s>"), bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                         model_max_length=128)
+    built = {
+        "gpt2": (GPT2LMHeadModel(GPT2Config(vocab_size=len(gtok), n_layer=2, n_embd=32, n_head=4, n_positions=64)), gtok),
+        "llama": (LlamaForCausalLM(LlamaConfig(vocab_size=len(ltok) + 6, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=256, bos_token_id=0, eos_token_id=1)), ltok),
+        "bert": (BertModel(BertConfig(vocab_size=len(btok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64)), btok),
+        "roberta": (RobertaModel(RobertaConfig(vocab_size=len(rtok), hidden_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
+                                               pad_token_id=1, bos_token_id=0, eos_token_id=2)), rtok),
+    }
+    for name, (model, tok) in built.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {name: str(root / name) for name in built}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hub_actors_logprobs_match_model_loss_under_left_padding(hub_dirs, kind):
+    model, tok = archer.load_actor(hub_dirs[kind], None)
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    pol = archer.Policy(model.eval(), tok, max_new_tokens=12)
+    assert pol.banned[len(tok):].all() and len(pol.banned) == model.config.vocab_size
+    check_logprobs_against_model_loss(pol)
+
+
+def test_a_prompt_longer_than_the_context_loses_its_oldest_turns(hub_dirs):
+    model, tok = archer.load_actor(hub_dirs["gpt2"], None)  # 64 positions
+    pol = archer.Policy(model.eval(), tok, max_new_tokens=12)
+    state = "Questions:\n" + "".join(f"Is it {w}? No.\n" for w in ["alive", "food", "red", "sharp", "metal"] * 6)
+    ids, mask = pol.encode([state, "Questions:\n"])
+    full = tok(state, add_special_tokens=False).input_ids
+    assert len(full) > 64 and ids.shape[1] == pol.max_prompt == 52
+    assert ids[0].tolist() == full[-52:]  # the newest turns are kept
+    texts, *_ = pol.sample([state, "Questions:\n"])
+    assert len(texts) == 2
+
+
+@pytest.mark.parametrize("actor,critic", [("gpt2", "bert"), ("gpt2", "roberta"), ("llama", "bert"), ("llama", "roberta")])
+def test_one_iteration_with_saved_models_of_each_kind(hub_dirs, tmp_path, actor, critic):
+    out = str(tmp_path / "run")
+    r = run_archer("--iterations", "1", "--out", out, "--model", hub_dirs[actor], "--critic", hub_dirs[critic], *QUICK,
+                   "--warmup-iters", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["iteration"] for m in rows] == [-1, 0] and math.isfinite(rows[-1]["critic_loss"])
+    assert math.isfinite(rows[-1]["actor_loss"])
+
+
+def test_models_of_the_wrong_kind_or_out_of_reach_are_clear_errors(hub_dirs, tmp_path):
+    r = run_archer("--model", hub_dirs["bert"], "--out", str(tmp_path / "a"), *QUICK)
+    assert r.returncode == 2 and "bert model, which cannot serve here" in r.stderr and "Traceback" not in r.stderr
+    r = run_archer("--critic", "./no/such/dir", "--out", str(tmp_path / "b"), *QUICK)
+    assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
+    offline = dict(os.environ, HF_HUB_OFFLINE="1")  # what a machine without network sees, without the retries
+    r = run_archer("--model", "gpt2", "--out", str(tmp_path / "c"), *QUICK, env=offline)
+    assert r.returncode == 2 and "could not load actor model 'gpt2'" in r.stderr and "--model tiny" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "c")
+
+
+def test_bf16_checkpointing_and_small_generation_batches_run_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_archer("--iterations", "1", "--out", out, "--dtype", "bfloat16", "--grad-checkpointing",
+                   "--gen-batch-size", "3", *QUICK, "--warmup-iters", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bf16 autocast" in r.stdout
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert math.isfinite(rows[-1]["critic_loss"]) and math.isfinite(rows[-1]["actor_loss"])
+
+
+def test_lora_asks_for_peft_when_it_is_missing(tmp_path):
+    (tmp_path / "hide" / "peft").mkdir(parents=True)
+    (tmp_path / "hide" / "peft" / "__init__.py").write_text("raise ImportError('no peft here')\n")
+    no_peft = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"))
+    r = run_archer("--iterations", "1", "--out", str(tmp_path / "run"), "--lora-rank", "4", *QUICK, env=no_peft)
+    assert r.returncode == 2 and "pip install peft" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional and not installed")
+def test_lora_trains_the_adapters_only(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_archer("--iterations", "1", "--out", out, "--lora-rank", "4", *QUICK, "--warmup-iters", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    total, trained = map(float, re.search(r"actor tiny: ([\d.]+)M params \(([\d.]+)M trained\)", r.stdout).groups())
+    assert 0 < trained < total
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert any("lora_" in k for k in ck["actor"])
 
 
 
