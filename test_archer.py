@@ -583,6 +583,15 @@ def test_models_of_the_wrong_kind_or_out_of_reach_are_clear_errors(hub_dirs, tmp
     assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "c")
 
 
+def test_gpu_recipe_uses_only_flags_archer_knows():
+    text = open(os.path.join(HERE, "train_gpt2_twentyq.sh")).read()
+    lines = text.split("python archer.py \\\n")[1].split('"$@"')[0].split("\\\n")
+    flags = [x for line in lines for x in line.split()]
+    args = archer.parse_args(flags)  # an unknown flag or a bad value exits with status 2
+    assert (args.env, args.model, args.critic, args.dtype) == ("twentyq", "gpt2", "roberta-base", "auto")
+    assert len(flags) > 30 and all(line.strip().startswith("--") for line in lines if line.strip())
+
+
 def test_bf16_checkpointing_and_small_generation_batches_run_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     r = run_archer("--iterations", "1", "--out", out, "--dtype", "bfloat16", "--grad-checkpointing",
