@@ -8,7 +8,8 @@ Hierarchical Multi-Turn RL" (2024, arXiv 2402.19446). Two RL problems at two tim
   * token level: the language model (the actor) trained by a policy gradient inside each
     utterance, with the critic's advantage A = min Q - min V as the utterance's reward.
 
-Read top to bottom: config -> models -> token plumbing -> critic -> replay buffer -> rollouts
+Read top to bottom (models.py builds or loads the models, envs.py holds the games):
+config -> token plumbing -> critic -> replay buffer -> rollouts
 -> losses -> evaluation -> warm start -> baselines (--algo filtered_bc | reinforce, for the
 comparison in benchmark.py) -> checkpoints -> training loop.
 
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
+from models import ModelError, build_tiny_tokenizer, export, load_actor, load_critic_encoder, with_lora
 
 
 ALGOS = ("archer", "filtered_bc", "reinforce")
@@ -60,7 +62,7 @@ ALGOS = ("archer", "filtered_bc", "reinforce")
 # ----------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    env: str = field(default="twentyq_subset", metadata={"help": "game: " + ", ".join(envs.ENV_NAMES)})
+    env: str = field(default="twentyq_subset", metadata={"help": "game: " + ", ".join(envs.ENV_NAMES) + ", or module.path:factory for your own"})
     model: str = field(default="tiny", metadata={"help": "actor: 'tiny' (built in) or a hub name / local directory of a causal LM"})
     critic: str = field(default="tiny", metadata={"help": "critic encoder: 'tiny' or a hub name / local directory of an encoder"})
     seed: int = field(default=1, metadata={"help": "seeds python, numpy, torch and the games"})
@@ -69,6 +71,7 @@ class Args:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt on the held-out set and exit"})
+    show: int = field(default=0, metadata={"help": "with --eval-only: print this many held-out dialogues of the greedy agent"})
     algo: str = field(default="archer", metadata={"help": "learning rule: " + ", ".join(ALGOS) + " (the last two are baselines)"})
     max_env_steps: int = field(default=0, metadata={"help": "also stop once this many environment steps were played (0: no limit)"})
     # warm start (behaviour cloning on the game's demonstrator)
@@ -97,6 +100,7 @@ class Args:
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out set every N iterations"})
+    eval_games: int = field(default=100, metadata={"help": "held-out games for a game without a `secrets` list (seeded)"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end, and on Ctrl-C)"})
 
 
@@ -123,113 +127,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------
-# Models: the built-in tiny ones are real transformers models built from small configs, so
-# the hub path (from_pretrained) and the tiny path meet the same code everywhere below.
-# ----------------------------------------------------------------------------------------
-def build_tiny_tokenizer(env):
-    """A byte-level BPE tokenizer trained on the game's own text, phrase by phrase.
-
-    The text is split into phrases before BPE ("Is it a dog?", " No.", "\n"), not into words,
-    and the vocabulary is large enough for every phrase of the game to become one token. A
-    question the game knows is then a single token plus the newline, and a 20-turn dialogue
-    is ~60 tokens: a 2-layer model can see at a glance which questions were asked and what
-    the answers were, which it fails to learn in minutes when questions are 6 word-tokens.
-    Byte-level: any other text (a misspelt question, another game's) still encodes, byte by byte.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    phrases = pre_tokenizers.Split(Regex(r"[^?\n]*\?|[^?\n]+|\n"), behavior="isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([phrases, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(env.corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
-
-
-def from_pretrained(name: str, role: str):
-    """(model, tokenizer) from a hub name or a local directory, or one clear line and exit 2.
-
-    role 'model' loads a causal LM (the actor), 'critic' a bare encoder. The config is read
-    first, so a model of the wrong kind is refused before any weight is downloaded: an
-    encoder (BERT, RoBERTa...) cannot generate, and an encoder-decoder (T5...) fits neither.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        fail(f"--{role} {name}: no such directory; give a saved model's directory, a hub name or 'tiny'")
-    try:
-        cfg = AutoConfig.from_pretrained(name)
-        encoder_only = cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not cfg.is_decoder
-        if getattr(cfg, "is_encoder_decoder", False) or (role == "model" and encoder_only):
-            need = "a causal language model (GPT-2, Llama...)" if role == "model" else "an encoder (BERT, RoBERTa...) or a causal LM"
-            fail(f"--{role} {name} is a {cfg.model_type} model, which cannot serve here: give {need}")
-        tok = AutoTokenizer.from_pretrained(name)
-        model = (AutoModelForCausalLM if role == "model" else AutoModel).from_pretrained(name)
-    except (OSError, ValueError) as e:
-        fail(f"could not load {'actor' if role == 'model' else 'critic'} model '{name}' ({str(e).splitlines()[0]}); "
-             f"without network access use --{role} tiny or a local directory")
-    # Dropout off: the actor's loss must score the distribution that sampled (it is the
-    # policy-gradient's premise), and the critic's TD targets should not be noisy on purpose.
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    if tok.pad_token is None:  # GPT-2 / Llama ship without one; any id works, it is masked out
-        tok.pad_token = tok.eos_token or tok.unk_token
-    if tok.pad_token is None:
-        fail(f"the tokenizer of '{name}' has no pad, eos or unk token to pad with; add one and save it again")
-    return model, tok
-
-
-def load_actor(name: str, env):
-    """Return (causal LM, tokenizer). 'tiny' builds a 2-layer, 64-wide GPT-2."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if name == "tiny":
-        tok = build_tiny_tokenizer(env)
-        # Dropout 0, as for hub models: generation and the loss must see the same distribution.
-        cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=4, n_positions=512,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=tok.pad_token_id, eos_token_id=tok.pad_token_id)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        model, tok = from_pretrained(name, "model")
-    tok.padding_side = "left"  # generation appends on the right, so prompts pad on the left
-    tok.truncation_side = "left"  # a too-long dialogue loses its oldest turns, not the newest
-    return model, tok
-
-
-def load_critic_encoder(name: str, actor_tok):
-    """Return (encoder, tokenizer). 'tiny' is a 2-layer, 64-wide BERT on the actor's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    if name == "tiny":
-        tok = copy.deepcopy(actor_tok)
-        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        encoder = BertModel(cfg, add_pooling_layer=False)
-    else:
-        encoder, tok = from_pretrained(name, "critic")
-    tok.padding_side = "right"  # the critic reads each text's final real token: pad after it
-    tok.truncation_side = "left"
-    return encoder, tok
-
-
-def with_lora(model, rank: int):
-    """The actor with its weights frozen and rank-r LoRA adapters on every linear layer, which
-    are then all the actor trains (optional: needs the peft package)."""
-    try:
-        import peft
-    except ImportError:
-        fail("--lora-rank needs the peft package: pip install peft (or leave --lora-rank at 0)")
-    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -438,12 +335,25 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
 # ----------------------------------------------------------------------------------------
-def play(policy: Policy, games, secrets, temperature=1.0, greedy=False, keep_ids=False):
-    """Play len(games) games to the end. Returns one list of transitions
-    (state, utterance, reward, next_state, done) per game; with keep_ids, also the sampled
-    token ids of every utterance ((T_i,) tensors, newline included), for token-level losses."""
-    states = [g.reset(secret=s) for g, s in zip(games, secrets)]
-    trajs, ids = [[] for _ in games], [[] for _ in games]
+def reset(games, draws):
+    """Start every game: draws are secrets for a game with a `secrets` list; for one without,
+    each is a seed for Python's `random` module during that reset (restored afterwards)."""
+    if hasattr(games[0], "secrets"):
+        return [g.reset(secret=d) for g, d in zip(games, draws)]
+    state, states = random.getstate(), []
+    for g, d in zip(games, draws):
+        random.seed(d)
+        states.append(g.reset())
+    random.setstate(state)
+    return states
+
+
+def play(policy: Policy, games, draws, temperature=1.0, greedy=False, keep_ids=False):
+    """Play len(games) games to the end, one batched generation per turn. Returns one
+    envs.Episode of transitions (state, utterance, reward, next_state, done) per game; with
+    keep_ids, also the sampled token ids of every utterance ((T_i,) tensors, stop included)."""
+    states = reset(games, draws)
+    trajs, ids = [envs.Episode() for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
         texts, sampled = policy.generate([states[i] for i in live], temperature, greedy)
@@ -454,15 +364,17 @@ def play(policy: Policy, games, secrets, temperature=1.0, greedy=False, keep_ids
             if keep_ids:
                 ids[i].append(x)
             states[i] = nxt
-            if not done:
+            if done:
+                envs.finish(games[i], trajs[i])
+            else:
                 still.append(i)
         live = still
     return (trajs, ids) if keep_ids else trajs
 
 
 def summarize(trajs):
-    """Success (the games give reward 0 on the winning turn, -1 otherwise), return, turns."""
-    return {"success": float(np.mean([t[-1][2] == 0 for t in trajs])),
+    """Success rate, mean return and mean turns of a list of Episodes."""
+    return {"success": float(np.mean([t.won for t in trajs])),
             "return": float(np.mean([sum(x[2] for x in t) for t in trajs])),
             "turns": float(np.mean([len(t) for t in trajs]))}
 
@@ -538,27 +450,27 @@ def clipped_step(opt, params, loss, max_norm: float) -> bool:
 # ----------------------------------------------------------------------------------------
 # Evaluation on the fixed held-out set: every secret of the game once.
 # ----------------------------------------------------------------------------------------
-def evaluate(policy: Policy, name: str, seed: int, temperature: float):
-    """Greedy and sampled play over every secret. Sampling uses its own seeded generator
-    state so that evaluating does not change the training run's random stream."""
-    game = envs.make_env(name, seed=seed)
-    secrets = list(game.secrets)
-    games = [copy.copy(game) for _ in secrets]  # shallow: they share the oracle's tables
-    greedy = summarize(play(policy, games, secrets, greedy=True))
+def evaluate(policy: Policy, games, draws, seed: int, temperature: float):
+    """Greedy and sampled play of the held-out draws (every secret once, or --eval-games seeds).
+    Sampling uses its own seeded generator state so that evaluating does not change the
+    training run's random stream. Returns (metrics, the greedy Episodes)."""
+    greedy_games = play(policy, games, draws, greedy=True)
+    greedy = summarize(greedy_games)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sampled = summarize(play(policy, games, secrets, temperature))
+        sampled = summarize(play(policy, games, draws, temperature))
     return {"eval_success": greedy["success"], "eval_return": greedy["return"], "eval_turns": greedy["turns"],
-            "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}
+            "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}, greedy_games
 
 
 # ----------------------------------------------------------------------------------------
 # Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
 # ----------------------------------------------------------------------------------------
-def demonstrations(name: str, n: int, seed: int):
-    """n dialogues of the game's scripted demonstrator, as lists of transitions."""
+def demonstrations(game, n: int, seed: int):
+    """n dialogues of the game's scripted demonstrator (none if it has no demonstrator)."""
     rng = random.Random(seed)
-    game = envs.make_env(name, seed=seed)
+    if not hasattr(game, "demonstrator"):
+        return []
     return [envs.play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
 
 
@@ -648,8 +560,6 @@ def set_rng_states(st, rng: random.Random):
 
 def check_args(args: Args):
     """Impossible settings fail at once, in one line, before anything is built or written."""
-    if args.env not in envs.ENV_NAMES:
-        fail(f"unknown game '{args.env}'; choose one of: {', '.join(envs.ENV_NAMES)}")
     if args.algo not in ALGOS:
         fail(f"unknown --algo '{args.algo}'; choose one of: {', '.join(ALGOS)}")
     for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
@@ -693,9 +603,21 @@ def load_checkpoint(path, args: Args, dev):
 # ----------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------
-def train(args: Args):
-    """Warm start, then iterations of args.algo. Returns (policy, critic, list of metric dicts)."""
+def train(args: Args, game=None):
+    """Warm start, then iterations of args.algo on args.env, or on `game` if given (any object
+    that follows the protocol in envs.py; args.env then only names it in the checkpoint).
+    Returns (policy, critic, list of metric dicts, one per iteration). The command line is
+    this with parse_args(): `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
     check_args(args)
+    try:  # the game first: a user's game that cannot load fails before anything is built
+        env0 = envs.check_game(game, "the game object") if game is not None else envs.load_game(args.env, args.seed)
+    except envs.GameError as e:
+        fail(str(e))
+
+    def fresh(seed):
+        """Another copy of the game: a built-in one seeded its own way, a user's one deep-copied."""
+        return envs.load_game(args.env, seed) if game is None else copy.deepcopy(game)
+
     ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
     if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
         flag = "--resume" if args.resume else "--eval-only"
@@ -707,17 +629,22 @@ def train(args: Args):
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     ck = load_checkpoint(ckpt_path, args, dev) if args.resume or args.eval_only else None
-    env0 = envs.make_env(args.env, seed=args.seed)
+    # The held-out set: every secret once, or --eval-games seeds no training game uses.
+    secrets = list(getattr(env0, "secrets", []))
+    eval_draws = secrets or [f"eval {k}" for k in range(args.eval_games)]
+    eval_games = [fresh(args.seed) for _ in eval_draws]
     # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    model, tok = load_actor(args.model, env0)
-    if args.lora_rank:
-        model = with_lora(model, args.lora_rank)
+    try:
+        model, tok = load_actor(args.model, env0)
+        model = with_lora(model, args.lora_rank) if args.lora_rank else model
+        encoder, ctok = load_critic_encoder(args.critic, tok)
+    except ModelError as e:
+        fail(str(e))
     policy = Policy(model.to(dev), tok, args.max_new_tokens, args.stop, args.gen_batch_size, bf16)
     if not policy.stop.any():
         fail(f"--stop {args.stop!r}: no token of the actor's vocabulary contains it, so no utterance could end")
-    encoder, ctok = load_critic_encoder(args.critic, tok)
     critic = Critic(encoder, ctok, bf16=bf16).to(dev).train()  # train mode: no dropout, but checkpointing
     if args.grad_checkpointing:
         for net in (policy.model, critic.encoder):
@@ -754,7 +681,13 @@ def train(args: Args):
         print(f"resumed from {ckpt_path} at iteration {start_it}")
 
     if args.eval_only:
-        ev = evaluate(policy, args.env, args.seed, args.temperature)
+        ev, shown = evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)
+        for k, episode in enumerate(shown[: args.show]):
+            print(f"--- held-out game {k + 1} ({'won' if episode.won else 'lost'}, "
+                  f"return {sum(t[2] for t in episode):g}) ---\n{episode[0][0]}", end="")
+            for state, utterance, _, nxt, _ in episode:  # the agent's line, then what the game added
+                print(f"> {utterance}\n{nxt[len(state):] if nxt.startswith(state) else nxt}", end="")
+            print()
         print(json.dumps(ev))
         return policy, critic, log + [ev]
 
@@ -779,28 +712,32 @@ def train(args: Args):
         # Warm start: clone the demonstrator, and seed the replay buffer with its dialogues
         # (the critic's first targets then come from real, if suboptimal, play).
         t0 = time.time()
-        demos = demonstrations(args.env, args.bc_games, args.seed + 1)
+        demos = demonstrations(fresh(args.seed + 1), args.bc_games, args.seed + 1)
         for traj in demos if args.algo == "archer" else []:
             for tr in traj:
                 buffer.add(tr)
-        r_min = min(tr[2] for traj in demos for tr in traj)
-        critic.start_pessimistic(min(r_min, 0.0) / (1 - args.gamma))
-        target.load_state_dict(critic.state_dict())
-        bc_loss = behaviour_clone(policy, demos, args, rng)
-        demo = summarize(demos)
-        warm = {"iteration": -1, "env_steps": 0, "bc_loss": bc_loss, "seconds": time.time() - t0,
-                "demo_return": demo["return"], "demo_success": demo["success"]}
-        warm.update(evaluate(policy, args.env, args.seed, args.temperature))
+        warm = {"iteration": -1, "env_steps": 0}
+        if demos:
+            r_min = min(tr[2] for traj in demos for tr in traj)
+            critic.start_pessimistic(min(r_min, 0.0) / (1 - args.gamma))
+            target.load_state_dict(critic.state_dict())
+            warm["bc_loss"] = behaviour_clone(policy, demos, args, rng)
+            demo = summarize(demos)
+            warm.update(demo_return=demo["return"], demo_success=demo["success"])
+            print(f"warm start: bc_loss {warm['bc_loss']:.3f} | demonstrator success {demo['success']:.0%} "
+                  f"return {demo['return']:.2f}", end=" | ")
+        else:
+            print("the game has no demonstrator: RL starts from the model as it is", end=" | ")
+        warm.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0], seconds=time.time() - t0)
         log = [warm]
         with open(metrics_path, "w") as f:
             f.write(json.dumps(warm) + "\n")
-        print(f"warm start: bc_loss {bc_loss:.3f} | demonstrator success {warm['demo_success']:.0%} "
-              f"return {warm['demo_return']:.2f} | greedy success {warm['eval_success']:.0%} return "
-              f"{warm['eval_return']:.2f} | sampled success {warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
+        print(f"greedy success {warm['eval_success']:.0%} return {warm['eval_return']:.2f} | sampled success "
+              f"{warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
         best = (warm["eval_success"], warm["eval_return"])
         checkpoint(-1)  # an interrupted run resumes after the warm start, not before it
 
-    games = [envs.make_env(args.env, seed=args.seed * 1000 + i) for i in range(args.games)]
+    games = [fresh(args.seed * 1000 + i) for i in range(args.games)]
     end = start_it if 0 < args.max_env_steps <= env_steps else args.iterations  # a resumed run may be done
 
     # Ctrl-C or SIGTERM (a scheduler's "time is up") finishes the current iteration, saves a
@@ -823,7 +760,8 @@ def train(args: Args):
         m, skipped = {"iteration": it}, 0
         # 1. Rollouts with the current policy, sampled at the training temperature.
         policy.model.eval()
-        trajs, ids = play(policy, games, [rng.choice(games[0].secrets) for _ in games], args.temperature, keep_ids=True)
+        draws = [rng.choice(secrets) if secrets else rng.randrange(2**31) for _ in games]
+        trajs, ids = play(policy, games, draws, args.temperature, keep_ids=True)
         if args.algo == "archer":
             for traj in trajs:
                 for tr in traj:
@@ -898,7 +836,7 @@ def train(args: Args):
         # 4. Held-out evaluation, metrics, checkpoint.
         last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
         if (it + 1) % args.eval_every == 0 or last:
-            m.update(evaluate(policy, args.env, args.seed, args.temperature))
+            m.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0])
             best = max(best, (m["eval_success"], m["eval_return"]))
         m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
         if dev.type == "cuda":  # the iteration's peak, then reset for the next one
@@ -921,11 +859,12 @@ def train(args: Args):
             break
     signal.signal(signal.SIGINT, old_handlers[0])
     signal.signal(signal.SIGTERM, old_handlers[1])
+    export(policy, critic, args.out)
     if stop:
         print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
     final = next((m for m in reversed(log) if "eval_success" in m), {})
     if final:
-        print(f"final evaluation ({args.env}, {len(env0.secrets)} held-out secrets): greedy success "
+        print(f"final evaluation ({args.env}, {len(eval_draws)} held-out games): greedy success "
               f"{final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f}; "
               f"sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
     return policy, critic, log

@@ -4,12 +4,18 @@
   twentyq_subset  the same game on 10 objects (the paper's sample-efficiency setting)
   guess_my_city   find a secret city among 91 by yes/no and open questions
 
-The protocol every game follows (archer.py needs nothing else):
-  reset(secret=None) -> state        a new game; state = "Questions:\\n" + one line per turn
-  step(utterance) -> (state, reward, done)   reward -1 per turn, 0 on the winning turn
-  secrets, questions                 the held-out evaluation set (every secret once), the bank
-  demonstrator(rng), reference(rng)  a weak and a strong scripted player's next utterance
-  corpus()                           the game's text, to build a tokenizer from
+The protocol of a game (a user's game for `archer.py --env module:factory` too). Required:
+  reset() -> state                   a new game; the state is the text the agent reads
+  step(utterance) -> (state, reward, done)   the built-in games: -1 per turn, 0 on the winning turn
+Optional, each used when present:
+  secrets, reset(secret=s)           the held-out evaluation set (every secret once); without
+                                     it, evaluation plays --eval-games games, each reset with
+                                     Python's `random` module seeded (draw from it to vary games)
+  demonstrator(rng) -> utterance     a scripted player to clone before RL; without it, RL
+                                     starts from the model as it is
+  won                                true once the game is won (default: the last reward >= 0)
+  corpus()                           the game's text, for the built-in tiny model's tokenizer
+  reference(rng), questions          a strong player and the question bank (benchmark, tests)
 
 The oracles are dictionaries: every question the game understands maps to its answer for each
 secret, so answering is one lookup, and a question it does not understand gets
@@ -20,6 +26,8 @@ secret, so answering is one lookup, and a question it does not understand gets
 """
 import argparse
 import csv
+import importlib
+import inspect
 import math
 import os
 import random
@@ -365,23 +373,72 @@ def make_env(name: str, seed: int = 0) -> KnowledgeGame:
     raise ValueError(f"unknown game {name!r}; choose one of: {', '.join(ENV_NAMES)}")
 
 
+class Episode(list):
+    """One game's transitions (state, utterance, reward, next_state, done), and `won`."""
+
+    won = False
+
+
+def finish(game, episode: Episode) -> Episode:
+    """Record whether the game that played `episode` was won (its `won`, else last reward >= 0)."""
+    episode.won = bool(getattr(game, "won", episode[-1][2] >= 0))
+    return episode
+
+
 def play(env, policy, secret=None):
-    """One game with `policy(env) -> utterance`; transitions (state, utterance, reward, next_state, done)."""
-    state, out = env.reset(secret), []
-    while not env.done:
+    """One game with `policy(env) -> utterance`, as an Episode."""
+    state, out, done = env.reset() if secret is None else env.reset(secret=secret), Episode(), False
+    while not done:
         utterance = policy(env)
         nxt, reward, done = env.step(utterance)
         out.append((state, clean(utterance), reward, nxt, done))
         state = nxt
-    return out
+    return finish(env, out)
 
 
 def evaluate_player(env, policy):
     """Play every secret once: success rate, mean return, mean turns."""
     runs = [play(env, policy, s) for s in env.secrets]
     n = len(runs)
-    return {"success": sum(r[-1][2] == 0 for r in runs) / n, "return": sum(sum(t[2] for t in r) for r in runs) / n,
+    return {"success": sum(r.won for r in runs) / n, "return": sum(sum(t[2] for t in r) for r in runs) / n,
             "turns": sum(len(r) for r in runs) / n}
+
+
+class GameError(ValueError):
+    """A game that cannot be loaded or does not follow the protocol; the message is one line."""
+
+
+def check_game(game, where: str = "the game"):
+    """Raise GameError unless `game` has the required reset() and step(utterance)."""
+    for method in ("reset", "step"):
+        if not callable(getattr(game, method, None)):
+            raise GameError(f"{where} is a {type(game).__name__}, which has no {method}() method; "
+                            "a game needs reset() -> state and step(utterance) -> (state, reward, done)")
+    if hasattr(game, "secrets") and not list(game.secrets):
+        raise GameError(f"{where} has an empty `secrets` list; give it secrets or no `secrets` attribute")
+    return game
+
+
+def load_game(spec: str, seed: int = 0):
+    """A built-in game by name, or a user's: 'package.module:factory' imports the module and
+    calls factory() (or factory(seed=seed) if it takes a seed), as uvicorn loads an app."""
+    if spec in ENV_NAMES:
+        return make_env(spec, seed)
+    if ":" not in spec:
+        raise GameError(f"unknown game {spec!r}; choose one of {', '.join(ENV_NAMES)}, or give module.path:factory")
+    module, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise GameError(f"--env {spec}: cannot import module {module!r} ({e}); is it on PYTHONPATH?") from None
+    except AttributeError:
+        raise GameError(f"--env {spec}: module {module!r} has no {name!r}") from None
+    try:
+        takes_seed = "seed" in inspect.signature(factory).parameters
+        game = factory(seed=seed) if takes_seed else factory()
+    except Exception as e:
+        raise GameError(f"--env {spec}: the factory raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return check_game(game, f"--env {spec}")
 
 
 def main():
