@@ -768,8 +768,9 @@ def train(args: Args, game=None):
                     buffer.add(tr)
         env_steps += sum(len(t) for t in trajs)
         roll = summarize(trajs)
-        m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"],
-                 invalid=float(np.mean([x[3].endswith("Invalid question.\n") for t in trajs for x in t])))
+        m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"])
+        if game is None:  # the built-in games' answer to an utterance they do not understand
+            m["invalid"] = float(np.mean([x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t]))
 
         if args.algo == "archer":
             # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
@@ -846,7 +847,7 @@ def train(args: Args, game=None):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
-                f"{m['train_success']:4.0%} invalid {m['invalid']:4.0%}")
+                f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else ""))
         if "critic_loss" in m:
             line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
         if "eval_success" in m:
@@ -864,7 +865,7 @@ def train(args: Args, game=None):
         print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
     final = next((m for m in reversed(log) if "eval_success" in m), {})
     if final:
-        print(f"final evaluation ({args.env}, {len(eval_draws)} held-out games): greedy success "
+        print(f"final evaluation ({args.env if game is None else type(game).__name__}, {len(eval_draws)} held-out games): greedy success "
               f"{final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f}; "
               f"sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
     return policy, critic, log

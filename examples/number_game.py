@@ -32,3 +32,7 @@ class NumberGame:
 
     def demonstrator(self, rng):  # optional: a sloppy bisection, cloned before RL starts
         return str(rng.randint(self.lo, self.hi) if rng.random() < 0.8 else (self.lo + self.hi) // 2)
+
+    def corpus(self):  # optional: the game's text, so the built-in tiny model reads "17 higher" as one token
+        lines = [f"{n}" for n in self.secrets] + [f"{n} {a}" for n in self.secrets for a in ("higher", "lower", "correct")]
+        return [self.reset()] + [line + "\n" for line in lines]
