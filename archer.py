@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -127,6 +128,23 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Data parallel (torchrun): every rank plays its own games into its own replay buffer, and
+# every update averages the ranks' gradients, so the replicas stay identical. Alone, these
+# two helpers are the identity.
+def world():
+    """(rank, number of ranks): (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_sum(x):
+    """x summed over the ranks (nccl needs the tensor on the GPU, gloo on the CPU)."""
+    if not dist.is_initialized():
+        return x
+    y = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -338,7 +356,7 @@ class ReplayBuffer:
 def reset(games, draws):
     """Start every game: draws are secrets for a game with a `secrets` list; for one without,
     each is a seed for Python's `random` module during that reset (restored afterwards)."""
-    if hasattr(games[0], "secrets"):
+    if not games or hasattr(games[0], "secrets"):
         return [g.reset(secret=d) for g, d in zip(games, draws)]
     state, states = random.getstate(), []
     for g, d in zip(games, draws):
@@ -373,10 +391,10 @@ def play(policy: Policy, games, draws, temperature=1.0, greedy=False, keep_ids=F
 
 
 def summarize(trajs):
-    """Success rate, mean return and mean turns of a list of Episodes."""
-    return {"success": float(np.mean([t.won for t in trajs])),
-            "return": float(np.mean([sum(x[2] for x in t) for t in trajs])),
-            "turns": float(np.mean([len(t) for t in trajs]))}
+    """Success rate, mean return and mean turns of a list of Episodes (of every rank's share)."""
+    won, ret, turns, n = all_sum(torch.tensor([sum(t.won for t in trajs), sum(x[2] for t in trajs for x in t),
+                                               sum(len(t) for t in trajs), len(trajs)], dtype=torch.float64)).tolist()
+    return {"success": won / n, "return": ret / n, "turns": turns / n}
 
 
 # ----------------------------------------------------------------------------------------
@@ -427,7 +445,12 @@ def actor_loss(logp, adv):
     small and biased; its scale would set the effective step size, and a too-large step makes
     a small actor collapse into utterances the game does not understand.
     """
-    a = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
+    if dist.is_initialized():  # normalize over the global batch, every rank's share
+        n, s, ss = all_sum(torch.stack([adv.new_tensor(float(adv.numel())), adv.sum(), adv.pow(2).sum()]))
+        mean = s / n
+        a = (adv - mean) / (((ss - n * mean**2) / (n - 1)).clamp(min=0).sqrt() + 1e-6)
+    else:
+        a = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
     return -(a * logp).mean()
 
 
@@ -436,12 +459,22 @@ def clipped_step(opt, params, loss, max_norm: float) -> bool:
 
     A non-finite loss or gradient norm skips the step (returns False, with a warning): one NaN
     let through would turn every weight, and the optimizer's moments, into NaN for good."""
+    params = [p for p in params if p.requires_grad]
     opt.zero_grad(set_to_none=True)
-    if torch.isfinite(loss):
+    finite = bool(torch.isfinite(loss))
+    if finite:
         loss.backward()
-        if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)):
-            opt.step()
-            return True
+    if dist.is_initialized():
+        # One all-reduce of the flattened gradients, averaged: every replica takes the same step.
+        # A rank whose loss is not finite sends NaN, so that every rank skips the step together.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        flat = all_sum(flat if finite else flat.fill_(float("nan"))) / world()[1]
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+        finite = True  # a NaN now shows in the gradient norm, on every rank alike
+    if finite and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)):
+        opt.step()
+        return True
     opt.zero_grad(set_to_none=True)
     tqdm.write(f"warning: non-finite loss or gradient ({loss.item()}); update skipped", file=sys.stderr)
     return False
@@ -454,6 +487,8 @@ def evaluate(policy: Policy, games, draws, seed: int, temperature: float):
     """Greedy and sampled play of the held-out draws (every secret once, or --eval-games seeds).
     Sampling uses its own seeded generator state so that evaluating does not change the
     training run's random stream. Returns (metrics, the greedy Episodes)."""
+    rank, n = world()
+    games, draws = games[rank::n], draws[rank::n]  # each rank plays its share; summarize adds them up
     greedy_games = play(policy, games, draws, greedy=True)
     greedy = summarize(greedy_games)
     with torch.random.fork_rng(devices=[]):
@@ -489,7 +524,7 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
     pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
     policy.model.train()
-    bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False)
+    bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
     for step in bar:
         loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
         # A short linear warm-up then cosine decay: from-scratch tiny models need the large lr
@@ -609,6 +644,11 @@ def train(args: Args, game=None):
     Returns (policy, critic, list of metric dicts, one per iteration). The command line is
     this with parse_args(): `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
     check_args(args)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
+    rank, n_ranks = world()
+    if rank > 0:  # one voice: only rank 0 prints and shows progress bars
+        sys.stdout = open(os.devnull, "w")
     try:  # the game first: a user's game that cannot load fails before anything is built
         env0 = envs.check_game(game, "the game object") if game is not None else envs.load_game(args.env, args.seed)
     except envs.GameError as e:
@@ -619,16 +659,25 @@ def train(args: Args, game=None):
         return envs.load_game(args.env, seed) if game is None else copy.deepcopy(game)
 
     ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
+    rank_path = os.path.join(args.out, f"rank{rank}.pt")  # ranks > 0: their own buffer and random states
     if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
         flag = "--resume" if args.resume else "--eval-only"
         fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
     if not (args.resume or args.eval_only) and os.path.exists(ckpt_path):
         fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
-    seed_everything(args.seed)
-    rng = random.Random(args.seed)  # the trainer's own stream: secrets and buffer sampling
+    seed_everything(args.seed)  # the same on every rank: the replicas start identical
+    rng = random.Random(args.seed + rank)  # the trainer's own stream: secrets and buffer sampling
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
+    if dev.type == "cuda" and n_ranks > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
     ck = load_checkpoint(ckpt_path, args, dev) if args.resume or args.eval_only else None
+    if ck is not None and ck.get("world", 1) != n_ranks and not args.eval_only:
+        fail(f"{ckpt_path} was trained by {ck.get('world', 1)} processes, not {n_ranks}: resume it with "
+             f"--nproc_per_node={ck.get('world', 1)} (each rank continues its own buffer and random states)")
+    if ck is not None and rank > 0 and not args.eval_only:
+        ck.update(torch.load(rank_path, map_location=dev, weights_only=False))
     # The held-out set: every secret once, or --eval-games seeds no training game uses.
     secrets = list(getattr(env0, "secrets", []))
     eval_draws = secrets or [f"eval {k}" for k in range(args.eval_games)]
@@ -663,7 +712,10 @@ def train(args: Args, game=None):
     n_trained = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     n_critic = sum(p.numel() for p in critic.parameters())
     print(f"actor {args.model}: {n_actor / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained) | critic {args.critic}: "
-          f"{n_critic / 1e6:.2f}M params | device {dev}{' (bf16 autocast)' if bf16 else ''}")
+          f"{n_critic / 1e6:.2f}M params | device {dev}{' (bf16 autocast)' if bf16 else ''}"
+          + (f" | {n_ranks} ranks" if n_ranks > 1 else ""))
+    if n_ranks > 1:  # identical models, then each rank samples its own games
+        seed_everything(args.seed + 1000 * rank)
 
     if ck is not None:
         try:
@@ -693,21 +745,27 @@ def train(args: Args, game=None):
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
 
+    def record(rows, mode="a"):
+        if rank == 0:
+            with open(metrics_path, mode) as f:
+                f.writelines(json.dumps(m) + "\n" for m in rows)
+
     def checkpoint(it):
-        """Everything that affects the future, atomically; best.pt keeps the best evaluation."""
+        """Everything that affects the future, atomically; best.pt keeps the best evaluation.
+        Rank 0 writes the models (identical on every rank); each other rank its own share."""
+        own = {"buffer": buffer.data, "buffer_next": buffer.next, "rng": rng_states(rng), "dialogues": dialogues}
+        if rank > 0:
+            return save_checkpoint(rank_path, own)
         save_checkpoint(ckpt_path, {
             "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
-            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
-            "buffer": buffer.data, "buffer_next": buffer.next, "iteration": it, "env_steps": env_steps,
-            "log": log, "rng": rng_states(rng), "args": dataclasses.asdict(args), "dialogues": dialogues,
-            "best": best})
+            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(), "iteration": it,
+            "env_steps": env_steps, "log": log, "args": dataclasses.asdict(args), "best": best, "world": n_ranks, **own})
         if "eval_success" in log[-1] and best == (log[-1]["eval_success"], log[-1]["eval_return"]):
             shutil.copyfile(ckpt_path, best_path + ".tmp")
             os.replace(best_path + ".tmp", best_path)
 
     if args.resume:  # the metrics file may hold iterations past the checkpoint: rewrite it from the log
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in log)
+        record(log, "w")
     else:
         # Warm start: clone the demonstrator, and seed the replay buffer with its dialogues
         # (the critic's first targets then come from real, if suboptimal, play).
@@ -730,8 +788,7 @@ def train(args: Args, game=None):
             print("the game has no demonstrator: RL starts from the model as it is", end=" | ")
         warm.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0], seconds=time.time() - t0)
         log = [warm]
-        with open(metrics_path, "w") as f:
-            f.write(json.dumps(warm) + "\n")
+        record(log, "w")
         print(f"greedy success {warm['eval_success']:.0%} return {warm['eval_return']:.2f} | sampled success "
               f"{warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
         best = (warm["eval_success"], warm["eval_return"])
@@ -754,7 +811,7 @@ def train(args: Args, game=None):
     old_handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations)
+    bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations, disable=rank > 0)
     for it in bar:
         t0 = time.time()
         m, skipped = {"iteration": it}, 0
@@ -766,20 +823,22 @@ def train(args: Args, game=None):
             for traj in trajs:
                 for tr in traj:
                     buffer.add(tr)
-        env_steps += sum(len(t) for t in trajs)
+        env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
         roll = summarize(trajs)
         m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"])
         if game is None:  # the built-in games' answer to an utterance they do not understand
-            m["invalid"] = float(np.mean([x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t]))
+            bad, n = all_sum(torch.tensor([sum(x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t),
+                                           sum(len(t) for t in trajs)])).tolist()
+            m["invalid"] = bad / n
 
         if args.algo == "archer":
             # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
             # sampled up front (the policy does not change during critic steps), one batch at a time:
             # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
             batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-            fresh = [policy.generate(b[0], args.temperature)[0] for b in batches]
+            fresh_actions = [policy.generate(b[0], args.temperature)[0] for b in batches]
             c_losses, c_stats = [], []
-            for batch, a_fresh in zip(batches, fresh):
+            for batch, a_fresh in zip(batches, fresh_actions):
                 loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
                 skipped += not clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
                 polyak(target, critic, args.tau)
@@ -844,8 +903,7 @@ def train(args: Args, game=None):
             m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)
         log.append(m)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        record([m])
         line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
                 f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else ""))
         if "critic_loss" in m:
@@ -854,13 +912,16 @@ def train(args: Args, game=None):
             line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
         gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
         tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
+        if n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
+            stop.append(signal.SIGTERM)  # a signal reached another rank: all stop after this iteration
         if last or stop or (it + 1) % args.save_every == 0:
             checkpoint(it)
         if last or stop:
             break
     signal.signal(signal.SIGINT, old_handlers[0])
     signal.signal(signal.SIGTERM, old_handlers[1])
-    export(policy, critic, args.out)
+    if rank == 0:
+        export(policy, critic, args.out)
     if stop:
         print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
     final = next((m for m in reversed(log) if "eval_success" in m), {})
@@ -873,3 +934,5 @@ def train(args: Args, game=None):
 
 if __name__ == "__main__":
     train(parse_args())
+    if dist.is_initialized():
+        dist.destroy_process_group()

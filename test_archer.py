@@ -1,4 +1,5 @@
 """Tests: the games (envs.py), then the trainer (archer.py). Run: python -m pytest -q test_archer.py"""
+import copy
 import csv
 import importlib.util
 import itertools
@@ -890,3 +891,104 @@ def test_a_game_object_without_step_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         archer.train(archer.parse_args(["--out", str(tmp_path / "run"), *QUICK]), game=NoStep())
     assert e.value.code == 2 and "NoStep, which has no step() method" in capsys.readouterr().err
+
+
+# ---- data parallel (torchrun): gloo on CPU, two processes ----
+def spawn_two(fn, tmp_path, *args):
+    """Run fn(rank, tmp_path, *args) in two processes joined in a gloo process group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(rendezvous, args=(fn, str(tmp_path), args), nprocs=2, join=True)
+
+
+def rendezvous(rank, fn, tmp, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    try:
+        fn(rank, tmp, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def one_update(rows):
+    """One critic step and one actor step from identical fresh models on the given transitions;
+    returns every weight after them."""
+    torch.manual_seed(0)
+    model, tok = archer.load_actor("tiny", envs.make_env("twentyq_subset"))
+    policy = archer.Policy(model, tok, max_new_tokens=12)
+    encoder, ctok = archer.load_critic_encoder("tiny", tok)
+    critic = archer.Critic(encoder, ctok)
+    target = copy.deepcopy(critic)
+    s, a, r, s2, d = zip(*rows)
+    batch = list(s), list(a), torch.tensor(r), list(s2), torch.tensor(d, dtype=torch.float32)
+    loss, _ = archer.critic_loss(critic, target, batch, list(a), 0.95)
+    # SGD, not Adam: Adam's first step is about lr * sign(gradient), which turns rounding noise
+    # in a near-zero gradient into a full-size difference.
+    archer.clipped_step(torch.optim.SGD(critic.parameters(), lr=0.1), critic.parameters(), loss, 1e9)  # no clipping: it would hide a wrong scale
+    pids, pmask = policy.encode(list(s))
+    enc = tok([x + "\n" for x in a], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    logp = archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask)
+    adv = torch.tensor([float(len(x) % 5) for x in a])  # any fixed, varied advantages
+    archer.clipped_step(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), archer.actor_loss(logp, adv), 1e9)
+    return {**{"actor." + k: v for k, v in model.state_dict().items()}, **{"critic." + k: v for k, v in critic.state_dict().items()}}
+
+
+def demo_rows(n=8):
+    rng = random.Random(0)
+    game = envs.make_env("twentyq_subset", seed=0)
+    return [tr for _ in range(3) for tr in envs.play(game, lambda g: g.demonstrator(rng))][:n]
+
+
+def update_half(rank, tmp):
+    rows = demo_rows()
+    torch.save(one_update(rows[rank * 4:(rank + 1) * 4]), f"{tmp}/update{rank}.pt")
+
+
+def test_two_ranks_with_half_the_batch_each_take_the_step_of_one_process_with_all_of_it(tmp_path):
+    spawn_two(update_half, tmp_path)
+    whole = one_update(demo_rows())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"update{rank}.pt")
+        for k, v in whole.items():
+            assert torch.allclose(got[k], v, atol=1e-5), k
+
+
+def train_two_iterations(rank, tmp):
+    args = archer.parse_args(["--out", f"{tmp}/run", "--iterations", "2", *QUICK, "--warmup-iters", "0"])
+    policy, critic, log = archer.train(args)
+    game = envs.make_env("twentyq_subset", seed=1)
+    _, shown = archer.evaluate(policy, [copy.copy(game) for _ in game.secrets], list(game.secrets), 1, 1.0)
+    torch.save({"actor": policy.model.state_dict(), "critic": critic.state_dict(), "log": log,
+                "secrets": [ep[0][0] and ep for ep in shown]}, f"{tmp}/trained{rank}.pt")
+
+
+def test_two_ranks_stay_identical_and_evaluate_each_secret_once(tmp_path):
+    spawn_two(train_two_iterations, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"trained{r}.pt", weights_only=False) for r in (0, 1))
+    for part in ("actor", "critic"):
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    assert len(r0["secrets"]) + len(r1["secrets"]) == 10  # the 10 held-out secrets, split between ranks
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["iteration"] for m in rows] == [-1, 0, 1] and rows[1]["env_steps"] >= 2 * 8  # both ranks' games
+    # The reduced greedy figures are those of one process playing every secret with the same weights.
+    model, tok = archer.load_actor("tiny", envs.make_env("twentyq_subset"))
+    model.load_state_dict(r0["actor"])
+    game = envs.make_env("twentyq_subset", seed=1)
+    alone, _ = archer.evaluate(archer.Policy(model.eval(), tok, 12), [copy.copy(game) for _ in game.secrets],
+                               list(game.secrets), 1, 1.0)
+    last = r0["log"][-1]
+    assert (alone["eval_success"], alone["eval_return"]) == pytest.approx((last["eval_success"], last["eval_return"]))
+
+
+def test_torchrun_trains_and_resume_needs_the_same_number_of_processes(tmp_path):
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "archer.py"), "--iterations", "1", "--out", out, *QUICK],
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks" in r.stdout and r.stdout.count("final evaluation") == 1  # one voice
+    assert os.path.exists(os.path.join(out, "rank1.pt")) and torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["world"] == 2
+    r = run_archer("--iterations", "2", "--out", out, "--resume", *QUICK)
+    assert r.returncode == 2 and "trained by 2 processes, not 1" in r.stderr and "Traceback" not in r.stderr
