@@ -29,7 +29,9 @@ Deliberate deviations from the paper and its reference code (each explained wher
      tokenizer learns each phrase of the game as one token, with a byte-level fallback.
 
 Quick start (CPU, no download):   python archer.py --env twentyq_subset
-Paper setting (GPU):              python archer.py --env twentyq --model gpt2 --critic roberta-base
+Paper setting (GPU):              bash train_gpt2_twentyq.sh   (GPT-2 actor, roberta-base critic)
+Your own game:                    python archer.py --env examples.number_game:NumberGame
+Data parallel:                    torchrun --standalone --nproc_per_node=2 archer.py --device cpu
 """
 import argparse
 import copy
