@@ -814,114 +814,116 @@ def train(args: Args, game=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations, disable=rank > 0)
-    for it in bar:
-        t0 = time.time()
-        m, skipped = {"iteration": it}, 0
-        # 1. Rollouts with the current policy, sampled at the training temperature.
-        policy.model.eval()
-        draws = [rng.choice(secrets) if secrets else rng.randrange(2**31) for _ in games]
-        trajs, ids = play(policy, games, draws, args.temperature, keep_ids=True)
-        if args.algo == "archer":
-            for traj in trajs:
-                for tr in traj:
-                    buffer.add(tr)
-        env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
-        roll = summarize(trajs)
-        m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"])
-        if game is None:  # the built-in games' answer to an utterance they do not understand
-            bad, n = all_sum(torch.tensor([sum(x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t),
-                                           sum(len(t) for t in trajs)])).tolist()
-            m["invalid"] = bad / n
+    try:
+        for it in bar:
+            t0 = time.time()
+            m, skipped = {"iteration": it}, 0
+            # 1. Rollouts with the current policy, sampled at the training temperature.
+            policy.model.eval()
+            draws = [rng.choice(secrets) if secrets else rng.randrange(2**31) for _ in games]
+            trajs, ids = play(policy, games, draws, args.temperature, keep_ids=True)
+            if args.algo == "archer":
+                for traj in trajs:
+                    for tr in traj:
+                        buffer.add(tr)
+            env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
+            roll = summarize(trajs)
+            m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"])
+            if game is None:  # the built-in games' answer to an utterance they do not understand
+                bad, n = all_sum(torch.tensor([sum(x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t),
+                                               sum(len(t) for t in trajs)])).tolist()
+                m["invalid"] = bad / n
 
-        if args.algo == "archer":
-            # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
-            # sampled up front (the policy does not change during critic steps), one batch at a time:
-            # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
-            batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-            fresh_actions = [policy.generate(b[0], args.temperature)[0] for b in batches]
-            c_losses, c_stats = [], []
-            for batch, a_fresh in zip(batches, fresh_actions):
-                loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
-                skipped += not clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
-                polyak(target, critic, args.tau)
-                c_losses.append(loss.item())
-                c_stats.append(st)
-            m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
-                     v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
+            if args.algo == "archer":
+                # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
+                # sampled up front (the policy does not change during critic steps), one batch at a time:
+                # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
+                batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
+                fresh_actions = [policy.generate(b[0], args.temperature)[0] for b in batches]
+                c_losses, c_stats = [], []
+                for batch, a_fresh in zip(batches, fresh_actions):
+                    loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
+                    skipped += not clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
+                    polyak(target, critic, args.tau)
+                    c_losses.append(loss.item())
+                    c_stats.append(st)
+                m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
+                         v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
 
-            # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
-            # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
-            a_losses, advs = [], []
-            if it >= args.warmup_iters:
+                # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
+                # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
+                a_losses, advs = [], []
+                if it >= args.warmup_iters:
+                    for _ in range(args.actor_steps):
+                        states = buffer.sample(args.batch_size, rng)[0]
+                        texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
+                        adv = advantage(critic, states, texts)
+                        policy.model.train()
+                        logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
+                        loss = actor_loss(logp, adv)
+                        skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                        policy.model.eval()
+                        a_losses.append(loss.item())
+                        advs.append(adv.mean().item())
+                m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
+                         advantage_mean=float(np.mean(advs)) if advs else None)
+
+            elif args.algo == "filtered_bc":  # clone the best games so far, no critic
+                dialogues.extend(trajs)
+                pairs = [(s, a) for d in elite(dialogues) for (s, a, *_rest) in d]
+                a_losses = []
+                policy.model.train()
                 for _ in range(args.actor_steps):
-                    states = buffer.sample(args.batch_size, rng)[0]
-                    texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
-                    adv = advantage(critic, states, texts)
-                    policy.model.train()
-                    logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
-                    loss = actor_loss(logp, adv)
+                    loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
                     skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                    policy.model.eval()
                     a_losses.append(loss.item())
-                    advs.append(adv.mean().item())
-            m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
-                     advantage_mean=float(np.mean(advs)) if advs else None)
+                policy.model.eval()
+                m.update(actor_loss=float(np.mean(a_losses)), elite_transitions=len(pairs))
 
-        elif args.algo == "filtered_bc":  # clone the best games so far, no critic
-            dialogues.extend(trajs)
-            pairs = [(s, a) for d in elite(dialogues) for (s, a, *_rest) in d]
-            a_losses = []
-            policy.model.train()
-            for _ in range(args.actor_steps):
-                loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
-                skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                a_losses.append(loss.item())
-            policy.model.eval()
-            m.update(actor_loss=float(np.mean(a_losses)), elite_transitions=len(pairs))
+            else:  # reinforce: every transition of this iteration once, split into actor_steps batches
+                flat = [(tr[0], x, g) for traj, tids in zip(trajs, ids)
+                        for tr, x, g in zip(traj, tids, returns_to_go([t[2] for t in traj], args.gamma))]
+                rng.shuffle(flat)
+                a_losses = []
+                policy.model.train()
+                for k in range(args.actor_steps):
+                    part = flat[k::args.actor_steps]
+                    logp = utterance_logprobs(policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
+                    # actor_loss's normalization is the mean baseline (and a common scale with ArCHer)
+                    loss = actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
+                    skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
+                    a_losses.append(loss.item())
+                policy.model.eval()
+                m.update(actor_loss=float(np.mean(a_losses)))
 
-        else:  # reinforce: every transition of this iteration once, split into actor_steps batches
-            flat = [(tr[0], x, g) for traj, tids in zip(trajs, ids)
-                    for tr, x, g in zip(traj, tids, returns_to_go([t[2] for t in traj], args.gamma))]
-            rng.shuffle(flat)
-            a_losses = []
-            policy.model.train()
-            for k in range(args.actor_steps):
-                part = flat[k::args.actor_steps]
-                logp = utterance_logprobs(policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
-                # actor_loss's normalization is the mean baseline (and a common scale with ArCHer)
-                loss = actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
-                skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                a_losses.append(loss.item())
-            policy.model.eval()
-            m.update(actor_loss=float(np.mean(a_losses)))
-
-        # 4. Held-out evaluation, metrics, checkpoint.
-        last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
-        if (it + 1) % args.eval_every == 0 or last:
-            m.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0])
-            best = max(best, (m["eval_success"], m["eval_return"]))
-        m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
-        if dev.type == "cuda":  # the iteration's peak, then reset for the next one
-            m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-            torch.cuda.reset_peak_memory_stats(dev)
-        log.append(m)
-        record([m])
-        line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
-                f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else ""))
-        if "critic_loss" in m:
-            line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
-        if "eval_success" in m:
-            line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
-        gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
-        tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
-        if n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
-            stop.append(signal.SIGTERM)  # a signal reached another rank: all stop after this iteration
-        if last or stop or (it + 1) % args.save_every == 0:
-            checkpoint(it)
-        if last or stop:
-            break
-    signal.signal(signal.SIGINT, old_handlers[0])
-    signal.signal(signal.SIGTERM, old_handlers[1])
+            # 4. Held-out evaluation, metrics, checkpoint.
+            last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
+            if (it + 1) % args.eval_every == 0 or last:
+                m.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0])
+                best = max(best, (m["eval_success"], m["eval_return"]))
+            m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
+            if dev.type == "cuda":  # the iteration's peak, then reset for the next one
+                m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                torch.cuda.reset_peak_memory_stats(dev)
+            log.append(m)
+            record([m])
+            line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
+                    f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else ""))
+            if "critic_loss" in m:
+                line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
+            if "eval_success" in m:
+                line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
+            gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
+            tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
+            if n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
+                stop.append(signal.SIGTERM)  # a signal reached another rank: all stop after this iteration
+            if last or stop or (it + 1) % args.save_every == 0:
+                checkpoint(it)
+            if last or stop:
+                break
+    finally:  # a library caller gets its own handlers back, whatever happened
+        signal.signal(signal.SIGINT, old_handlers[0])
+        signal.signal(signal.SIGTERM, old_handlers[1])
     if rank == 0:
         export(policy, critic, args.out)
     if stop:

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import re
-import sys
 import unicodedata
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -452,7 +451,7 @@ def main():
     if a.secret is not None:
         key = normalize(a.secret)
         if key not in env.names:
-            sys.exit(f"error: {a.secret!r} is not a secret of {a.game}; e.g. {', '.join(env.secrets[:5])}")
+            p.error(f"{a.secret!r} is not a secret of {a.game}; e.g. {', '.join(env.secrets[:5])}")  # exit 2
         a.secret = env.names[key]
     env.reset(a.secret)
     rng = random.Random(a.seed)

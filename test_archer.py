@@ -240,6 +240,12 @@ QUICK = ["--bc-games", "200", "--bc-steps", "20", "--games", "8", "--critic-step
          "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--device", "cpu"]
 
 
+def test_cli_unknown_secret_is_a_clear_error():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "envs.py"), "twentyq", "--secret", "zebra"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "'zebra' is not a secret of twentyq" in r.stderr and "Traceback" not in r.stderr
+
+
 def run_archer(*flags, timeout=600, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "archer.py"), *flags], capture_output=True,
                           text=True, timeout=timeout, cwd=HERE, env=env)
@@ -992,3 +998,20 @@ def test_torchrun_trains_and_resume_needs_the_same_number_of_processes(tmp_path)
     assert os.path.exists(os.path.join(out, "rank1.pt")) and torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["world"] == 2
     r = run_archer("--iterations", "2", "--out", out, "--resume", *QUICK)
     assert r.returncode == 2 and "trained by 2 processes, not 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_signal_handlers_are_restored_even_when_training_raises(tmp_path):
+    class Breaks(Bare):
+        calls = 0
+
+        def step(self, utterance):
+            Breaks.calls += 1  # the warm start's evaluation makes at most 12 calls, training many more
+            if Breaks.calls > 20:
+                raise RuntimeError("the game crashed")
+            return super().step(utterance)
+
+    before = signal.getsignal(signal.SIGINT)
+    args = archer.parse_args(["--out", str(tmp_path / "run"), "--iterations", "3", "--eval-games", "2", *QUICK])
+    with pytest.raises(RuntimeError, match="the game crashed"):
+        archer.train(args, game=Breaks())
+    assert Breaks.calls > 12 and signal.getsignal(signal.SIGINT) is before
