@@ -683,7 +683,7 @@ def train(args: Args, game=None):
     # The held-out set: every secret once, or --eval-games seeds no training game uses.
     secrets = list(getattr(env0, "secrets", []))
     eval_draws = secrets or [f"eval {k}" for k in range(args.eval_games)]
-    eval_games = [fresh(args.seed) for _ in eval_draws]
+    eval_games = [copy.deepcopy(env0) for _ in eval_draws]  # the draws set each game: copies will do
     # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 

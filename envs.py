@@ -25,6 +25,7 @@ secret, so answering is one lookup, and a question it does not understand gets
     python envs.py twentyq --demo reference      # watch the information-gain player
 """
 import argparse
+import copy
 import csv
 import importlib
 import inspect
@@ -86,6 +87,13 @@ class KnowledgeGame:
         # The demonstrator's habits (see demonstrator()).
         self.p_random, self.p_guess, self.least_informative = p_random, p_guess, least_informative
         self.done, self.turn, self.state, self.secret, self.history = True, 0, HEADER, None, []
+
+    def __deepcopy__(self, memo):
+        """Another game to play in parallel: its own state and random stream, the knowledge
+        base (read-only tables of a few MB) shared rather than copied."""
+        twin = copy.copy(self)
+        twin.rng, twin.history = copy.deepcopy(self.rng, memo), list(self.history)
+        return twin
 
     # ---- the game ---------------------------------------------------------------------
     def reset(self, secret=None):
