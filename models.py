@@ -50,9 +50,10 @@ def from_pretrained(name: str, role: str):
 
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ModelError(f"--{role} {name}: no such directory; give a saved model's directory, a hub name or 'tiny'")
-    def load(what, *args):
+
+    def load(what):
         try:
-            return what.from_pretrained(name, *args)
+            return what.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise ModelError(f"could not load {'actor' if role == 'model' else 'critic'} model '{name}' "
                              f"({str(e).splitlines()[0]}); without network access use --{role} tiny or a local directory")
