@@ -672,13 +672,29 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
             "--out", str(tmp_path), "--", *QUICK]
     benchmark.main(argv)
     table = open(tmp_path / "results.md").read()
+    header = next(line for line in table.splitlines() if line.startswith("| algorithm"))
     for algo in archer.ALGOS:
-        assert f"| {algo} |" in table
+        row = next(line for line in table.splitlines() if line.startswith(f"| {algo} |"))
+        assert row.count("|") == header.count("|")  # a value in every column
         log = benchmark.read_log(benchmark.run_dir(str(tmp_path), "twentyq_subset", algo, 1))
         assert log[-1]["env_steps"] >= 100 and "eval_success" in log[-1]
+    # ArCHer gets the paper's critic steps unless the flags after -- say otherwise (QUICK does)
+    ck = torch.load(os.path.join(benchmark.run_dir(str(tmp_path), "twentyq_subset", "archer", 1), "checkpoint.pt"),
+                    weights_only=False)
+    assert benchmark.ALGO_FLAGS["archer"] == ["--critic-steps", "50"] and ck["args"]["critic_steps"] == 2
     capsys.readouterr()
     benchmark.main(argv)  # finished runs are not run again
     assert capsys.readouterr().out.count("done already") == len(archer.ALGOS)
+    with pytest.raises(SystemExit, match="was run with other flags"):  # nor counted when asked differently
+        benchmark.main(argv + ["--actor-steps", "2"])
+
+
+def test_benchmark_training_games_average_the_last_iterations_only():
+    import benchmark
+    log = [{"iteration": -1, "env_steps": 0, "eval_success": 0.9}]  # the warm start is not an iteration
+    log += [{"iteration": i, "env_steps": 10 * i, "train_success": i / 10, "train_return": -float(i)} for i in range(12)]
+    assert benchmark.training_games(log, last=3) == pytest.approx((1.0, -10.0))  # iterations 9, 10, 11
+    assert benchmark.training_games(log[:3], last=10) == pytest.approx((0.05, -0.5))  # fewer than `last`: all of them
 
 
 def metrics_without_times(out):
