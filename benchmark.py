@@ -44,13 +44,12 @@ def finished(log, budget):
 def run(game, algo, seed, args, extra):
     """One archer.py run to the step budget; resumes from its checkpoint when there is one."""
     path = run_dir(args.out, game, algo, seed)
-    flags = ["--algo", algo, "--env", game, "--seed", str(seed), "--out", path, "--max-env-steps", str(args.env_steps),
-             "--iterations", "1000000", "--eval-every", str(args.eval_every), *ALGO_FLAGS.get(algo, []), *extra]
-    # A run kept from an earlier benchmark counts only if it was asked for with the same flags.
-    asked = os.path.join(path, "flags.json")
+    # A run kept from an earlier benchmark counts only if it was asked for with the same settings
+    # (a larger --env-steps may extend it; a moved --out may hold it).
+    flags, asked = [*ALGO_FLAGS.get(algo, []), *extra], os.path.join(path, "flags.json")
     before = json.load(open(asked)) if os.path.exists(asked) else flags
     if before != flags:
-        sys.exit(f"error: {path} was run with other flags ({' '.join(before)}); "
+        sys.exit(f"error: {path} was run with other archer.py flags ({' '.join(before) or 'none'}); "
                  "give this benchmark another --out, or delete that run")
     if finished(read_log(path), args.env_steps):
         print(f"done already: {path}")
@@ -58,7 +57,9 @@ def run(game, algo, seed, args, extra):
     os.makedirs(path, exist_ok=True)
     with open(asked, "w") as f:
         json.dump(flags, f)
-    cmd = [sys.executable, os.path.join(HERE, "archer.py"), *flags]
+    cmd = [sys.executable, os.path.join(HERE, "archer.py"), "--algo", algo, "--env", game, "--seed", str(seed),
+           "--out", path, "--max-env-steps", str(args.env_steps), "--iterations", "1000000",
+           "--eval-every", str(args.eval_every), *flags]
     if os.path.exists(os.path.join(path, "checkpoint.pt")):
         cmd.append("--resume")
     print("running:", " ".join(cmd[1:]), flush=True)

@@ -685,7 +685,7 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
     capsys.readouterr()
     benchmark.main(argv)  # finished runs are not run again
     assert capsys.readouterr().out.count("done already") == len(archer.ALGOS)
-    with pytest.raises(SystemExit, match="was run with other flags"):  # nor counted when asked differently
+    with pytest.raises(SystemExit, match="was run with other archer.py flags"):  # nor counted when asked differently
         benchmark.main(argv + ["--actor-steps", "2"])
 
 
