@@ -687,6 +687,10 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
     assert capsys.readouterr().out.count("done already") == len(archer.ALGOS)
     with pytest.raises(SystemExit, match="was run with other archer.py flags"):  # nor counted when asked differently
         benchmark.main(argv + ["--actor-steps", "2"])
+    benchmark.main([a if a != "100" else "150" for a in argv])  # a larger budget continues the kept runs
+    for algo in archer.ALGOS:
+        log = benchmark.read_log(benchmark.run_dir(str(tmp_path), "twentyq_subset", algo, 1))
+        assert log[-1]["env_steps"] >= 150 and [m["iteration"] for m in log] == list(range(-1, len(log) - 1))
 
 
 def test_benchmark_training_games_average_the_last_iterations_only():
