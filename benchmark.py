@@ -77,11 +77,16 @@ def curve(log):
     return [(m["env_steps"], m["eval_success"]) for m in log if "eval_success" in m]
 
 
+def iterations(log):
+    """The rows of a run's training iterations (the warm-start row is not one)."""
+    return [m for m in log if m["iteration"] >= 0]
+
+
 def training_games(log, last=10):
     """Mean (success, return) of the training games of the last `last` iterations: sampled play
     of the current policy, 32 games per iteration by default, so hundreds of games where the
-    held-out set of the subset has 10. The warm-start row is not an iteration."""
-    rows = [m for m in log if m["iteration"] >= 0][-last:]
+    held-out set of the subset has 10."""
+    rows = iterations(log)[-last:]
     return (sum(m["train_success"] for m in rows) / len(rows), sum(m["train_return"] for m in rows) / len(rows))
 
 
@@ -139,7 +144,7 @@ def plot(game, logs, args):
         ax.plot(xs, [sum(y) / len(y) for y in ys], label=a)
         ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         # the training games, a moving average over 5 iterations (160 games by default), mean over seeds
-        its = [[m for m in L if m["iteration"] >= 0] for L in runs]
+        its = [iterations(L) for L in runs]
         n = min(len(r) for r in its)
         xs = [sum(r[i]["env_steps"] for r in its) / len(its) for i in range(4, n)]
         ys = [sum(m["train_success"] for r in its for m in r[i - 4: i + 1]) / (5 * len(its)) for i in range(4, n)]
@@ -149,8 +154,9 @@ def plot(game, logs, args):
     demo = [L[0]["demo_success"] for runs in logs.values() for L in runs if "demo_success" in L[0]]
     if demo:
         tr.axhline(sum(demo) / len(demo), color="gray", ls=":", label="demonstrator")
+    reference = reference_success(game)  # plays every secret once: computed once for both panels
     for axis in (ax, tr):
-        axis.axhline(reference_success(game), color="black", ls="--", label="reference player")
+        axis.axhline(reference, color="black", ls="--", label="reference player")
         axis.legend()
     ax.set(xlabel="environment steps", ylabel="success", title="held-out games, greedy (min-max over seeds)")
     tr.set(xlabel="environment steps", ylabel="success", title="training games, sampled (5-iteration mean)")
