@@ -8,10 +8,10 @@ Hierarchical Multi-Turn RL" (2024, arXiv 2402.19446). Two RL problems at two tim
   * token level: the language model (the actor) trained by a policy gradient inside each
     utterance, with the critic's advantage A = min Q - min V as the utterance's reward.
 
-Read top to bottom (models.py builds or loads the models, envs.py holds the games):
-config -> token plumbing -> critic -> replay buffer -> rollouts
--> losses -> evaluation -> warm start -> baselines (--algo filtered_bc | reinforce, for the
-comparison in benchmark.py) -> checkpoints -> training loop.
+Read top to bottom (models.py builds or loads the models, envs.py holds the games,
+baselines.py the rules ArCHer is compared with): config -> token plumbing -> critic ->
+replay buffer -> rollouts -> the two losses -> ArCHer's critic and actor steps -> evaluation
+-> warm start -> checkpoints -> the training loop.
 
 Deliberate deviations from the paper and its reference code (each explained where it happens):
   1. Log-probs are those of the token ids that were sampled, at the sampling temperature,
@@ -21,10 +21,11 @@ Deliberate deviations from the paper and its reference code (each explained wher
   3. Advantages are normalized per batch (mean 0, std 1); raw ones made tiny actors collapse.
   4. The critic reads the state followed by the utterance in one encoder pass and takes the
      final token's hidden state, instead of embedding them separately and concatenating.
-  5. The critic's heads start at the worst return the game allows (a pessimistic start).
+  5. The critic's heads start at a return below any the game can give (a pessimistic start).
   6. The warm start is behaviour cloning on the game's scripted demonstrator (stands in for
      the paper's SFT checkpoint), and its dialogues seed the replay buffer.
-  7. Evaluation is on a fixed held-out set: every secret of the game once.
+  7. Evaluation is on a fixed set: every secret of the game once (the training games draw
+     from the same secrets, so it measures the policy, not generalization to unseen ones).
   8. The built-in "tiny" models (2-layer, 64-wide GPT-2 and BERT) train on a laptop CPU; their
      tokenizer learns each phrase of the game as one token, with a byte-level fallback.
 
@@ -32,6 +33,7 @@ Quick start (CPU, no download):   python archer.py --env twentyq_subset
 Paper setting (GPU):              bash train_gpt2_twentyq.sh   (GPT-2 actor, roberta-base critic)
 Your own game:                    python archer.py --env examples.number_game:NumberGame
 Data parallel:                    torchrun --standalone --nproc_per_node=2 archer.py --device cpu
+Baselines:                        python baselines.py --algo chai   (or filtered_bc, reinforce)
 """
 import argparse
 import copy
@@ -57,9 +59,6 @@ import envs
 from models import ModelError, build_tiny_tokenizer, export, load_actor, load_critic_encoder, with_lora
 
 
-ALGOS = ("archer", "filtered_bc", "reinforce")
-
-
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass; every field becomes a command-line flag (--field-name).
 # ----------------------------------------------------------------------------------------
@@ -73,17 +72,16 @@ class Args:
     out: str = field(default="runs/archer", metadata={"help": "run directory: metrics.jsonl and checkpoint.pt"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt on the held-out set and exit"})
-    show: int = field(default=0, metadata={"help": "with --eval-only: print this many held-out dialogues of the greedy agent"})
-    algo: str = field(default="archer", metadata={"help": "learning rule: " + ", ".join(ALGOS) + " (the last two are baselines)"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate <out>/checkpoint.pt on the fixed evaluation set and exit"})
+    show: int = field(default=0, metadata={"help": "with --eval-only: print this many evaluation dialogues of the greedy agent"})
     max_env_steps: int = field(default=0, metadata={"help": "also stop once this many environment steps were played (0: no limit)"})
     # warm start (behaviour cloning on the game's demonstrator)
     bc_games: int = field(default=2000, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
-    bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps"})
+    bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps (0: no cloning, the buffer is still seeded)"})
     bc_lr: float = field(default=1e-3, metadata={"help": "behaviour-cloning learning rate"})
     # rollouts
     games: int = field(default=32, metadata={"help": "games played in parallel per iteration"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts and fresh actions"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts, fresh actions and the actor's log-probs"})
     max_new_tokens: int = field(default=12, metadata={"help": "cap on the tokens of one utterance"})
     stop: str = field(default="\n", metadata={"help": "the string that ends an utterance (default: newline)"})
     gen_batch_size: int = field(default=0, metadata={"help": "utterances generated per call (0: all at once); bounds generation memory"})
@@ -102,22 +100,22 @@ class Args:
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out set every N iterations"})
-    eval_games: int = field(default=100, metadata={"help": "held-out games for a game without a `secrets` list (seeded)"})
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the fixed evaluation set every N iterations"})
+    eval_games: int = field(default=100, metadata={"help": "evaluation games for a game without a `secrets` list (seeded)"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end, and on Ctrl-C)"})
 
 
-def parse_args(argv=None) -> Args:
+def parse_args(argv=None, cls=Args):
     """Turn the dataclass into argparse flags; booleans become store_true switches."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     p.error = fail  # a mistyped flag is one line and exit status 2, like every other user mistake
-    return Args(**vars(p.parse_args(argv)))
+    return cls(**vars(p.parse_args(argv)))
 
 
 def fail(msg: str):
@@ -195,9 +193,11 @@ class Policy:
     def sample(self, states, temperature: float = 1.0, greedy: bool = False):
         """Sample one utterance per state with a key/value cache.
 
-        Returns (texts, prompt_ids (B, P), prompt_mask (B, P), action_ids (B, T), action_mask (B, T)).
-        action_ids are the sampled ids themselves, newline token included (it ends the
-        utterance and its probability is part of the action's); the text is cut before it.
+        Returns (texts, prompt_ids (B, P), prompt_mask (B, P), action_ids (B, T), action_mask (B, T),
+        logp (B,)). action_ids are the sampled ids themselves, newline token included (it ends
+        the utterance and its probability is part of the action's); the text is cut before it.
+        logp is log pi(utterance | state) at `temperature`, a diagnostic: its mean over sampled
+        utterances estimates minus the policy's entropy per utterance.
         """
         ids, mask = self.encode(states)
         B, dev = ids.shape[0], ids.device
@@ -210,10 +210,12 @@ class Policy:
         stop, pad = self.stop.to(dev), self.tok.pad_token_id
         gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
         rows, attn = torch.arange(B, device=dev), mask  # rows: batch index of each row still writing
+        logp = torch.zeros(B, device=dev)
         for t in range(self.max_new_tokens):
             s = self.scores(logits, temperature)
             nxt = s.argmax(-1) if greedy else torch.multinomial(F.softmax(s, -1), 1).squeeze(-1)
             gen[rows, t] = nxt
+            logp[rows] += F.log_softmax(s, -1).gather(-1, nxt[:, None]).squeeze(-1)
             keep = ~stop[nxt]
             if not keep.any():
                 break
@@ -234,19 +236,20 @@ class Policy:
         amask = (~ended_before).long()
         texts = [self.tok.decode(g[m.bool()], skip_special_tokens=True).split(self.stop_text)[0].strip()
                  for g, m in zip(gen, amask)]
-        return texts, ids, mask, gen, amask
+        return texts, ids, mask, gen, amask, logp
 
     def generate(self, states, temperature: float = 1.0, greedy: bool = False):
         """Utterances for many states, --gen-batch-size at a time (generation memory grows with
         the batch, independently of the training batch). Returns (texts, list of (T_i,) sampled
-        ids on the CPU, stop token included)."""
+        ids on the CPU, stop token included, and their log-probs (B,) on the CPU)."""
         n = self.gen_batch_size or len(states)
-        texts, ids = [], []
+        texts, ids, logps = [], [], []
         for k in range(0, len(states), n):
-            t, _, _, gen, amask = self.sample(states[k: k + n], temperature, greedy)
+            t, _, _, gen, amask, logp = self.sample(states[k: k + n], temperature, greedy)
             texts += t
             ids += [g[m.bool()].cpu() for g, m in zip(gen, amask)]
-        return texts, ids
+            logps.append(logp.cpu())
+        return texts, ids, torch.cat(logps) if logps else torch.zeros(0)
 
 
 def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0):
@@ -269,6 +272,16 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
     return torch.where(action_mask.bool(), tok_logp, torch.zeros_like(tok_logp)).sum(-1)
 
 
+def utterance_logprobs(policy: Policy, states, ids, temperature: float):
+    """sequence_logprobs of utterances given as the token ids that were sampled (list of (T_i,)
+    tensors, as Policy.generate returns them), so the gradient is on exactly what the policy
+    did, never on a re-tokenized text. Shape (B,)."""
+    pids, pmask = policy.encode(states)
+    aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
+    amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
+    return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature)
+
+
 # ----------------------------------------------------------------------------------------
 # Critic: an encoder with four heads, Q1, Q2 on (state, utterance) and V1, V2 on the state.
 # ----------------------------------------------------------------------------------------
@@ -286,10 +299,10 @@ class Critic(nn.Module):
 
     @torch.no_grad()
     def start_pessimistic(self, value: float):
-        """Start every head at `value` (the worst return the game allows). A fresh critic says ~0
-        for everything, and 0 is optimistic when every reward is -1: the actor would chase
-        utterances the critic has never seen (gibberish) because their unfitted Q beats the
-        fitted ones. Started at the worst case, the unknown looks bad until data says otherwise."""
+        """Start every head at `value`, a return no worse than any the game can give. A fresh
+        critic says ~0 for everything, and 0 is optimistic when every reward is -1: the actor
+        would chase utterances the critic has never seen (gibberish) because their unfitted Q
+        beats the fitted ones. Started pessimistic, the unknown looks bad until data says otherwise."""
         for h in (self.q1, self.q2, self.v1, self.v2):
             h[-1].bias.fill_(value)
 
@@ -344,6 +357,11 @@ class ReplayBuffer:
             self.data[self.next] = transition
         self.next = (self.next + 1) % self.capacity
 
+    def add_games(self, trajs):
+        for traj in trajs:
+            for tr in traj:
+                self.add(tr)
+
     def sample(self, n: int, rng: random.Random):
         """n transitions drawn uniformly with replacement, as columns: states, actions,
         rewards (n,), next_states, dones (n,)."""
@@ -368,28 +386,30 @@ def reset(games, draws):
     return states
 
 
-def play(policy: Policy, games, draws, temperature=1.0, greedy=False, keep_ids=False):
-    """Play len(games) games to the end, one batched generation per turn. Returns one
-    envs.Episode of transitions (state, utterance, reward, next_state, done) per game; with
-    keep_ids, also the sampled token ids of every utterance ((T_i,) tensors, stop included)."""
+def play(agent, games, draws, temperature=1.0, greedy=False, keep_ids=False):
+    """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or
+    anything with its generate()). Returns one envs.Episode of transitions (state, utterance,
+    reward, next_state, done) per game; with keep_ids, also per game the sampled token ids of
+    every utterance ((T_i,) tensors, stop included) and their log-probs."""
     states = reset(games, draws)
-    trajs, ids = [envs.Episode() for _ in games], [[] for _ in games]
+    trajs, ids, logps = [envs.Episode() for _ in games], [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
-        texts, sampled = policy.generate([states[i] for i in live], temperature, greedy)
+        texts, sampled, lp = agent.generate([states[i] for i in live], temperature, greedy)
         still = []
-        for i, text, x in zip(live, texts, sampled):
+        for i, text, x, l in zip(live, texts, sampled, lp.tolist()):
             nxt, r, done = games[i].step(text)
             trajs[i].append((states[i], text, float(r), nxt, bool(done)))
             if keep_ids:
                 ids[i].append(x)
+                logps[i].append(l)
             states[i] = nxt
             if done:
                 envs.finish(games[i], trajs[i])
             else:
                 still.append(i)
         live = still
-    return (trajs, ids) if keep_ids else trajs
+    return (trajs, ids, logps) if keep_ids else trajs
 
 
 def summarize(trajs):
@@ -399,8 +419,41 @@ def summarize(trajs):
     return {"success": won / n, "return": ret / n, "turns": turns / n}
 
 
+def returns_to_go(rewards, gamma: float):
+    """G_t = r_t + gamma * G_{t+1}: the Monte Carlo return from each turn of one dialogue."""
+    out, g = [], 0.0
+    for r in reversed(rewards):
+        g = r + gamma * g
+        out.append(g)
+    return out[::-1]
+
+
+def repeat_share(trajs):
+    """The share of utterances that repeat one already said in the same dialogue."""
+    seen = [[tr[1] for tr in t] for t in trajs]
+    return sum(a in u[:k] for u in seen for k, a in enumerate(u)) / max(1, sum(map(len, seen)))
+
+
+def explained_variance(pred, target):
+    """1 - Var(G - Q) / Var(G), as CleanRL logs for its value function: 1 is a perfect fit, 0
+    is no better than a constant, below 0 worse than one."""
+    var = target.var()
+    return float(1 - (target - pred).var() / var) if len(target) > 1 and var > 0 else float("nan")
+
+
+@torch.no_grad()
+def critic_fit(critic, trajs, gamma: float, batch_size: int):
+    """The critic's explained variance of the Monte Carlo returns of these games: min(Q1, Q2)
+    of each (state, utterance) played against the discounted return that followed it."""
+    pairs = [(tr[0], tr[1]) for t in trajs for tr in t]
+    g = torch.tensor([x for t in trajs for x in returns_to_go([tr[2] for tr in t], gamma)])
+    q = torch.cat([torch.minimum(*critic.q(*zip(*pairs[k: k + batch_size]))).cpu()
+                   for k in range(0, len(pairs), batch_size)])
+    return explained_variance(q, g)
+
+
 # ----------------------------------------------------------------------------------------
-# Losses
+# The two losses (the paper's equations), and one optimizer step.
 # ----------------------------------------------------------------------------------------
 def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: float):
     """TD losses of ArCHer's double critic on one batch; returns (loss, stats).
@@ -419,9 +472,9 @@ def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: flo
     dev = next(critic.parameters()).device
     r, d = r.to(dev), d.to(dev)
     with torch.no_grad():
-        tv1, tv2 = target.v(s2)
+        tv1, tv2 = target.v(s2)  # next states s'
         y1, y2 = r + gamma * (1 - d) * tv1, r + gamma * (1 - d) * tv2  # (B,)
-        tq1, tq2 = target.q(s, fresh_actions)
+        tq1, tq2 = target.q(s, fresh_actions)  # states s, with the current policy's actions
         yv = torch.minimum(tq1, tq2)
     q1, q2 = critic.q(s, a)
     v1, v2 = critic.v(s)
@@ -483,21 +536,99 @@ def clipped_step(opt, params, loss, max_norm: float) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# Evaluation on the fixed held-out set: every secret of the game once.
+# ArCHer's learning, one iteration: what train() does with the games it just played.
 # ----------------------------------------------------------------------------------------
-def evaluate(policy: Policy, games, draws, seed: int, temperature: float):
-    """Greedy and sampled play of the held-out draws (every secret once, or --eval-games seeds).
-    Sampling uses its own seeded generator state so that evaluating does not change the
-    training run's random stream. Returns (metrics, the greedy Episodes)."""
+def critic_steps(run) -> dict:
+    """--critic-steps TD steps on replay-buffer batches, each followed by the target's Polyak step.
+
+    The fresh on-policy actions a~ for every V target of this iteration are sampled up front
+    (the policy does not change during critic steps), one batch at a time: all of them at
+    once would hold a key/value cache for critic_steps x batch_size prompts."""
+    args, losses, stats = run.args, [], []
+    batches = [run.buffer.sample(args.batch_size, run.rng) for _ in range(args.critic_steps)]
+    fresh = [run.agent.generate(b[0], args.temperature)[0] for b in batches]
+    for batch, a_fresh in zip(batches, fresh):
+        loss, st = critic_loss(run.critic, run.target, batch, a_fresh, args.gamma)
+        run.skipped += not clipped_step(run.critic_opt, run.critic.parameters(), loss, args.grad_clip)
+        polyak(run.target, run.critic, args.tau)
+        losses.append(loss.item())
+        stats.append(st)
+    if not losses:
+        return {}
+    return {"critic_loss": float(np.mean(losses)), "q_mean": float(np.mean([s["q_mean"] for s in stats])),
+            "v_mean": float(np.mean([s["v_mean"] for s in stats]))}
+
+
+def actor_steps(run) -> dict:
+    """--actor-steps policy-gradient steps: fresh utterances for buffer states, scored by the
+    critic's advantage, pushed up or down by REINFORCE inside the utterance (token level)."""
+    args, policy, losses, advs = run.args, run.policy, [], []
+    for _ in range(args.actor_steps):
+        states = run.buffer.sample(args.batch_size, run.rng)[0]
+        texts, ids, _ = policy.generate(states, args.temperature)  # --gen-batch-size at a time
+        adv = advantage(run.critic, states, texts)
+        policy.model.train()
+        logp = utterance_logprobs(policy, states, ids, args.temperature)  # the ids sampled, at their temperature
+        loss = actor_loss(logp, adv)
+        run.skipped += not clipped_step(run.actor_opt, policy.model.parameters(), loss, args.grad_clip)
+        policy.model.eval()
+        losses.append(loss.item())
+        advs.append(adv.mean().item())
+    return {"actor_loss": float(np.mean(losses)) if losses else None,
+            "advantage_mean": float(np.mean(advs)) if advs else None}
+
+
+class ArCHer:
+    """The learning rule train() runs by default. baselines.py's rules have the same parts:
+    whether a critic is built, which agent plays the games, and update()."""
+    name, uses_critic = "archer", True
+
+    def agent(self, run):
+        """What plays the games and samples the fresh actions: ArCHer's actor itself."""
+        return run.policy
+
+    def update(self, run, it: int, trajs, ids) -> dict:
+        run.buffer.add_games(trajs)  # off-policy: every transition ever played may be replayed
+        m = critic_steps(run)  # 2. the utterance-level critic, by temporal differences
+        if it >= run.args.warmup_iters:  # 3. the token-level actor, once the critic has warmed up
+            m.update(actor_steps(run))
+        else:
+            m.update(actor_loss=None, advantage_mean=None)
+        m["critic_fit"] = critic_fit(run.critic, trajs, run.args.gamma, run.args.batch_size)
+        return m
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on the fixed evaluation set: every secret of the game once. The training games
+# draw from the same secrets, so this measures the policy, not generalization to new ones.
+# ----------------------------------------------------------------------------------------
+def evaluate(agent, games, draws, seed: int, temperature: float):
+    """Greedy and sampled play of the evaluation draws (every secret once, or --eval-games seeds).
+    Both use their own seeded random state, restored afterwards on the CPU and every GPU, so
+    that evaluating does not change the training run's random stream. Returns (metrics, the
+    greedy Episodes)."""
     rank, n = world()
     games, draws = games[rank::n], draws[rank::n]  # each rank plays its share; summarize adds them up
-    greedy_games = play(policy, games, draws, greedy=True)
-    greedy = summarize(greedy_games)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sampled = summarize(play(policy, games, draws, temperature))
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)  # reseeds the CPU and every GPU, all restored on leaving
+        greedy_games = play(agent, games, draws, greedy=True)
+        greedy = summarize(greedy_games)
+        sampled = summarize(play(agent, games, draws, temperature))
     return {"eval_success": greedy["success"], "eval_return": greedy["return"], "eval_turns": greedy["turns"],
             "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}, greedy_games
+
+
+def evaluate_only(run):
+    """--eval-only: the checkpoint's agent on the fixed set; --show N prints N greedy dialogues."""
+    ev, shown = evaluate(run.agent, run.eval_games, run.eval_draws, run.args.seed, run.args.temperature)
+    for k, episode in enumerate(shown[: run.args.show]):
+        print(f"--- evaluation game {k + 1} ({'won' if episode.won else 'lost'}, "
+              f"return {sum(t[2] for t in episode):g}) ---\n{episode[0][0]}", end="")
+        for state, utterance, _, nxt, _ in episode:  # the agent's line, then what the game added
+            print(f"> {utterance}\n{nxt[len(state):] if nxt.startswith(state) else nxt}", end="")
+        print()
+    print(json.dumps(ev))
+    return run.policy, run.critic, run.log + [ev]
 
 
 # ----------------------------------------------------------------------------------------
@@ -522,10 +653,12 @@ def imitation_loss(policy: Policy, pairs):
 
 
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
-    """Maximize log pi(utterance + stop string | state) on demonstrator transitions."""
+    """Maximize log pi(utterance + stop string | state) on demonstrator transitions; returns the
+    last step's loss (None for --bc-steps 0)."""
     pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
     policy.model.train()
+    loss = None
     bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
     for step in bar:
         loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
@@ -536,44 +669,43 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
         clipped_step(opt, policy.model.parameters(), loss, args.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     policy.model.eval()
-    return loss.item()
+    return None if loss is None else loss.item()
+
+
+def warm_start(run):
+    """Clone the demonstrator and seed the replay buffer with its dialogues (the critic's first
+    targets then come from real, if suboptimal, play); evaluate; checkpoint, so that an
+    interrupted run resumes after the warm start, not before it."""
+    args, t0 = run.args, time.time()
+    demos = demonstrations(run.fresh(args.seed + 1), args.bc_games, args.seed + 1)
+    warm = {"iteration": -1, "env_steps": 0}
+    if demos:
+        if run.critic is not None:
+            run.buffer.add_games(demos)
+            # Deviation 5, the pessimistic start: the worst reward on every turn of the longest
+            # game, sum_t gamma^t r_min (-12.8 at 20 turns, gamma 0.95; r_min / (1 - gamma) = -20
+            # for a game of unknown length).
+            r_min, turns = min(min(tr[2] for t in demos for tr in t), 0.0), getattr(run.game, "max_turns", None)
+            run.critic.start_pessimistic(r_min * (1 - args.gamma ** turns if turns else 1) / (1 - args.gamma))
+            run.target.load_state_dict(run.critic.state_dict())
+        warm["bc_loss"] = behaviour_clone(run.policy, demos, args, run.rng)
+        demo = summarize(demos)
+        warm.update(demo_return=demo["return"], demo_success=demo["success"])
+        bc = "none" if warm["bc_loss"] is None else f"{warm['bc_loss']:.3f}"
+        print(f"warm start: bc_loss {bc} | demonstrator success {demo['success']:.0%} return {demo['return']:.2f}", end=" | ")
+    else:
+        print("the game has no demonstrator: RL starts from the model as it is", end=" | ")
+    warm.update(evaluate(run.agent, run.eval_games, run.eval_draws, args.seed, args.temperature)[0], seconds=time.time() - t0)
+    run.log = [warm]
+    run.record(run.log, "w")
+    print(f"greedy success {warm['eval_success']:.0%} return {warm['eval_return']:.2f} | sampled success "
+          f"{warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
+    run.best = (warm["eval_success"], warm["eval_return"])
+    run.checkpoint(-1)
 
 
 # ----------------------------------------------------------------------------------------
-# Baselines (--algo): the same warm start, rollouts and evaluation; only the learning rule
-# differs, so a comparison with ArCHer measures the rule and nothing else.
-#   filtered_bc: online filtered behaviour cloning, clone the best 10% of the games so far.
-#   reinforce:   token-level policy gradient on Monte Carlo returns, no critic (the stand-in
-#                for the paper's token-level PPO: on-policy, one update per sample).
-# ----------------------------------------------------------------------------------------
-def elite(dialogues, frac: float = 0.1):
-    """The dialogues whose return is in the top `frac` of all collected so far (ties at the
-    cut are kept, so a plateau of equal returns is cloned whole)."""
-    rets = sorted((sum(tr[2] for tr in d) for d in dialogues), reverse=True)
-    cut = rets[max(1, math.ceil(len(rets) * frac)) - 1]
-    return [d for d in dialogues if sum(tr[2] for tr in d) >= cut]
-
-
-def returns_to_go(rewards, gamma: float):
-    """G_t = r_t + gamma * G_{t+1}: the Monte Carlo return from each turn of one dialogue."""
-    out, g = [], 0.0
-    for r in reversed(rewards):
-        g = r + gamma * g
-        out.append(g)
-    return out[::-1]
-
-
-def utterance_logprobs(policy: Policy, states, ids, temperature: float):
-    """sequence_logprobs of utterances given as the token ids that were sampled (list of (T_i,)
-    tensors), so the gradient is on exactly what the policy did. Shape (B,)."""
-    pids, pmask = policy.encode(states)
-    aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
-    amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
-    return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature)
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints: everything that affects the future, written atomically.
+# Checkpoints and argument checks: everything that affects the future, written atomically.
 # ----------------------------------------------------------------------------------------
 def save_checkpoint(path, state: dict):
     tmp = path + ".tmp"
@@ -597,8 +729,6 @@ def set_rng_states(st, rng: random.Random):
 
 def check_args(args: Args):
     """Impossible settings fail at once, in one line, before anything is built or written."""
-    if args.algo not in ALGOS:
-        fail(f"unknown --algo '{args.algo}'; choose one of: {', '.join(ALGOS)}")
     for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -621,7 +751,7 @@ def check_args(args: Args):
         fail(f"--device {args.device}: use auto, cpu or cuda (cuda only where a GPU is visible)")
 
 
-def load_checkpoint(path, args: Args, dev):
+def load_checkpoint(path, args: Args, algo: str, dev):
     """The checkpoint at `path`, refused in one line if it is unreadable or from another run;
     a refused file is left as it is."""
     try:
@@ -630,174 +760,198 @@ def load_checkpoint(path, args: Args, dev):
         fail(f"cannot read the checkpoint {path} ({type(e).__name__}); it is left untouched: "
              "best.pt beside it holds the best evaluated state, or start a new run in another --out")
     saved = ck.get("args", {}) if isinstance(ck, dict) else {}
-    for key in ("env", "model", "critic", "algo"):
-        if saved.get(key) != getattr(args, key):
-            fail(f"{path} is a run with --{key} {saved.get(key)}, not {getattr(args, key)}; "
+    for key, value in (("env", args.env), ("model", args.model), ("critic", args.critic), ("algo", algo)):
+        if saved.get(key, "archer" if key == "algo" else None) != value:
+            fail(f"{path} is a run with --{key} {saved.get(key, 'archer')}, not {value}; "
                  f"resume it with the same flags or use another --out")
     return ck
 
 
-# ----------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------
-def train(args: Args, game=None):
-    """Warm start, then iterations of args.algo on args.env, or on `game` if given (any object
-    that follows the protocol in envs.py; args.env then only names it in the checkpoint).
-    Returns (policy, critic, list of metric dicts, one per iteration). The command line is
-    this with parse_args(): `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
-    check_args(args)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
-    rank, n_ranks = world()
-    if rank > 0:  # one voice: only rank 0 prints and shows progress bars
-        sys.stdout = open(os.devnull, "w")
-    try:  # the game first: a user's game that cannot load fails before anything is built
-        env0 = envs.check_game(game, "the game object") if game is not None else envs.load_game(args.env, args.seed)
-    except envs.GameError as e:
-        fail(str(e))
+class Run:
+    """Everything a training run holds: the game and its fixed evaluation set, the models and
+    optimizers, the replay buffer, the random streams and the log. Built from the flags (and
+    restored from <out>/checkpoint.pt with --resume or --eval-only)."""
 
-    def fresh(seed):
-        """Another copy of the game: a built-in one seeded its own way, a user's one deep-copied."""
-        return envs.load_game(args.env, seed) if game is None else copy.deepcopy(game)
-
-    ckpt_path, best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
-    rank_path = os.path.join(args.out, f"rank{rank}.pt")  # ranks > 0: their own buffer and random states
-    if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
-        flag = "--resume" if args.resume else "--eval-only"
-        fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
-    if not (args.resume or args.eval_only) and os.path.exists(ckpt_path):
-        fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
-    seed_everything(args.seed)  # the same on every rank: the replicas start identical
-    rng = random.Random(args.seed + rank)  # the trainer's own stream: secrets and buffer sampling
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if dev.type == "cuda" and n_ranks > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    ck = load_checkpoint(ckpt_path, args, dev) if args.resume or args.eval_only else None
-    if ck is not None and ck.get("world", 1) != n_ranks and not args.eval_only:
-        fail(f"{ckpt_path} was trained by {ck.get('world', 1)} processes, not {n_ranks}: resume it with "
-             f"--nproc_per_node={ck.get('world', 1)} (each rank continues its own buffer and random states)")
-    if ck is not None and rank > 0 and not args.eval_only:
-        ck.update(torch.load(rank_path, map_location=dev, weights_only=False))
-    # The held-out set: every secret once, or --eval-games seeds no training game uses.
-    secrets = list(getattr(env0, "secrets", []))
-    eval_draws = secrets or [f"eval {k}" for k in range(args.eval_games)]
-    eval_games = [copy.deepcopy(env0) for _ in eval_draws]  # the draws set each game: copies will do
-    # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
-
-    try:
-        model, tok = load_actor(args.model, env0)
-        model = with_lora(model, args.lora_rank) if args.lora_rank else model
-        encoder, ctok = load_critic_encoder(args.critic, tok)
-    except ModelError as e:
-        fail(str(e))
-    policy = Policy(model.to(dev), tok, args.max_new_tokens, args.stop, args.gen_batch_size, bf16)
-    if not policy.stop.any():
-        fail(f"--stop {args.stop!r}: no token of the actor's vocabulary contains it, so no utterance could end")
-    critic = Critic(encoder, ctok, bf16=bf16).to(dev).train()  # train mode: no dropout, but checkpointing
-    if args.grad_checkpointing:
-        for net in (policy.model, critic.encoder):
-            net.activation_checkpointing_enable({"use_reentrant": False})
-    target = copy.deepcopy(critic).eval()  # the only model copy: the critic's target
-    for p in target.parameters():
-        p.requires_grad_(False)
-    os.makedirs(args.out, exist_ok=True)
-    actor_opt = torch.optim.Adam([p for p in policy.model.parameters() if p.requires_grad], lr=args.actor_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    buffer = ReplayBuffer(args.buffer_size)
-    log = []
-    start_it, env_steps, best = 0, 0, None  # best: (greedy success, return) of the best evaluation
-    dialogues = []  # filtered_bc: every game played so far
-    n_actor = sum(p.numel() for p in policy.model.parameters())
-    n_trained = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
-    n_critic = sum(p.numel() for p in critic.parameters())
-    print(f"actor {args.model}: {n_actor / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained) | critic {args.critic}: "
-          f"{n_critic / 1e6:.2f}M params | device {dev}{' (bf16 autocast)' if bf16 else ''}"
-          + (f" | {n_ranks} ranks" if n_ranks > 1 else ""))
-    if n_ranks > 1:  # identical models, then each rank samples its own games
-        seed_everything(args.seed + 1000 * rank)
-
-    if ck is not None:
+    def __init__(self, args: Args, game, rule):
+        check_args(args)
+        self.args, self.rule, self.user_game = args, rule, game
+        if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
+            dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
+        self.rank, self.n_ranks = world()
+        if self.rank > 0:  # one voice: only rank 0 prints and shows progress bars
+            sys.stdout = open(os.devnull, "w")
+        try:  # the game first: a user's game that cannot load fails before anything is built
+            self.game = envs.check_game(game, "the game object") if game is not None else envs.load_game(args.env, args.seed)
+        except envs.GameError as e:
+            fail(str(e))
+        self.ckpt_path, self.best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
+        self.rank_path = os.path.join(args.out, f"rank{self.rank}.pt")  # ranks > 0: their own buffer and random states
+        if (args.resume or args.eval_only) and not os.path.exists(self.ckpt_path):
+            flag = "--resume" if args.resume else "--eval-only"
+            fail(f"{flag}: no checkpoint at {self.ckpt_path}; train first (without {flag}) or point --out at a run")
+        if not (args.resume or args.eval_only) and os.path.exists(self.ckpt_path):
+            fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
+        seed_everything(args.seed)  # the same on every rank: the replicas start identical
+        self.rng = random.Random(args.seed + self.rank)  # the trainer's own stream: secrets and buffer sampling
+        dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if args.device == "auto" else args.device))
+        if dev.type == "cuda" and self.n_ranks > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        self.dev = dev
+        ck = load_checkpoint(self.ckpt_path, args, rule.name, dev) if args.resume or args.eval_only else None
+        if ck is not None and ck.get("world", 1) != self.n_ranks and not args.eval_only:
+            fail(f"{self.ckpt_path} was trained by {ck.get('world', 1)} processes, not {self.n_ranks}: resume it with "
+                 f"--nproc_per_node={ck.get('world', 1)} (each rank continues its own buffer and random states)")
+        if ck is not None and self.rank > 0 and not args.eval_only:
+            ck.update(torch.load(self.rank_path, map_location=dev, weights_only=False))
+        # The fixed evaluation set: every secret once, or --eval-games seeds no training game uses.
+        self.secrets = list(getattr(self.game, "secrets", []))
+        self.eval_draws = self.secrets or [f"eval {k}" for k in range(args.eval_games)]
+        self.eval_games = [copy.deepcopy(self.game) for _ in self.eval_draws]  # the draws set each game: copies will do
+        # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
+        bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
         try:
-            policy.model.load_state_dict(ck["actor"])
-            critic.load_state_dict(ck["critic"])
-            target.load_state_dict(ck["target"])
-            actor_opt.load_state_dict(ck["actor_opt"])
-            critic_opt.load_state_dict(ck["critic_opt"])
+            model, tok = load_actor(args.model, self.game)
+            model = with_lora(model, args.lora_rank) if args.lora_rank else model
+            encoder, ctok = load_critic_encoder(args.critic, tok) if rule.uses_critic else (None, None)
+        except ModelError as e:
+            fail(str(e))
+        self.policy = Policy(model.to(dev), tok, args.max_new_tokens, args.stop, args.gen_batch_size, bf16)
+        if not self.policy.stop.any():
+            fail(f"--stop {args.stop!r}: no token of the actor's vocabulary contains it, so no utterance could end")
+        nets = [self.policy.model]
+        self.critic = self.target = self.critic_opt = None  # a rule without a critic builds none
+        if rule.uses_critic:
+            self.critic = Critic(encoder, ctok, bf16=bf16).to(dev).train()  # train mode: no dropout, but checkpointing
+            self.target = copy.deepcopy(self.critic).eval()  # the only model copy: the critic's target
+            self.target.requires_grad_(False)
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+            nets.append(self.critic.encoder)
+        for net in nets if args.grad_checkpointing else []:
+            net.activation_checkpointing_enable({"use_reentrant": False})
+        self.actor_opt = torch.optim.Adam([p for p in self.policy.model.parameters() if p.requires_grad], lr=args.actor_lr)
+        self.agent = rule.agent(self)
+        os.makedirs(args.out, exist_ok=True)
+        self.buffer, self.log, self.extra = ReplayBuffer(args.buffer_size), [], {}  # extra: a rule's own state
+        self.start_it, self.env_steps, self.best, self.skipped = 0, 0, None, 0  # best: (greedy success, return)
+        n_actor = sum(p.numel() for p in self.policy.model.parameters())
+        n_trained = sum(p.numel() for p in self.policy.model.parameters() if p.requires_grad)
+        critic_line = f"{sum(p.numel() for p in self.critic.parameters()) / 1e6:.2f}M params" if self.critic else "none"
+        print(f"actor {args.model}: {n_actor / 1e6:.2f}M params ({n_trained / 1e6:.2f}M trained) | critic {args.critic}: "
+              f"{critic_line} | device {dev}{' (bf16 autocast)' if bf16 else ''}"
+              + (f" | {self.n_ranks} ranks" if self.n_ranks > 1 else ""))
+        if self.n_ranks > 1:  # identical models, then each rank samples its own games
+            seed_everything(args.seed + 1000 * self.rank)
+        if ck is not None:
+            self.restore(ck)
+
+    def fresh(self, seed):
+        """Another copy of the game: a built-in one seeded its own way, a user's one deep-copied."""
+        return envs.load_game(self.args.env, seed) if self.user_game is None else copy.deepcopy(self.user_game)
+
+    def models(self):
+        """The networks and optimizers to checkpoint, by name (none for what the rule lacks)."""
+        parts = {"actor": self.policy.model, "actor_opt": self.actor_opt, "critic": self.critic,
+                 "target": self.target, "critic_opt": self.critic_opt}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def restore(self, ck):
+        try:
+            for name, part in self.models().items():
+                part.load_state_dict(ck[name])
         except (KeyError, RuntimeError, ValueError) as e:
-            fail(f"{ckpt_path} does not fit these models ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        buffer.data, buffer.next = ck["buffer"], ck["buffer_next"]
-        start_it, env_steps, log, dialogues = ck["iteration"] + 1, ck["env_steps"], ck["log"], ck["dialogues"]
-        best = ck["best"]
-        set_rng_states(ck["rng"], rng)
-        print(f"resumed from {ckpt_path} at iteration {start_it}")
+            fail(f"{self.ckpt_path} does not fit these models ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        self.buffer.data, self.buffer.next, self.extra = ck["buffer"], ck["buffer_next"], ck["extra"]
+        self.start_it, self.env_steps, self.log, self.best = ck["iteration"] + 1, ck["env_steps"], ck["log"], ck["best"]
+        set_rng_states(ck["rng"], self.rng)
+        print(f"resumed from {self.ckpt_path} at iteration {self.start_it}")
 
-    if args.eval_only:
-        ev, shown = evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)
-        for k, episode in enumerate(shown[: args.show]):
-            print(f"--- held-out game {k + 1} ({'won' if episode.won else 'lost'}, "
-                  f"return {sum(t[2] for t in episode):g}) ---\n{episode[0][0]}", end="")
-            for state, utterance, _, nxt, _ in episode:  # the agent's line, then what the game added
-                print(f"> {utterance}\n{nxt[len(state):] if nxt.startswith(state) else nxt}", end="")
-            print()
-        print(json.dumps(ev))
-        return policy, critic, log + [ev]
-
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-
-    def record(rows, mode="a"):
-        if rank == 0:
-            with open(metrics_path, mode) as f:
+    def record(self, rows, mode="a"):
+        """Append metric rows to <out>/metrics.jsonl (rank 0 only)."""
+        if self.rank == 0:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), mode) as f:
                 f.writelines(json.dumps(m) + "\n" for m in rows)
 
-    def checkpoint(it):
+    def checkpoint(self, it):
         """Everything that affects the future, atomically; best.pt keeps the best evaluation.
         Rank 0 writes the models (identical on every rank); each other rank its own share."""
-        own = {"buffer": buffer.data, "buffer_next": buffer.next, "rng": rng_states(rng), "dialogues": dialogues}
-        if rank > 0:
-            return save_checkpoint(rank_path, own)
-        save_checkpoint(ckpt_path, {
-            "actor": policy.model.state_dict(), "critic": critic.state_dict(), "target": target.state_dict(),
-            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(), "iteration": it,
-            "env_steps": env_steps, "log": log, "args": dataclasses.asdict(args), "best": best, "world": n_ranks, **own})
-        if "eval_success" in log[-1] and best == (log[-1]["eval_success"], log[-1]["eval_return"]):
-            shutil.copyfile(ckpt_path, best_path + ".tmp")
-            os.replace(best_path + ".tmp", best_path)
+        own = {"buffer": self.buffer.data, "buffer_next": self.buffer.next, "rng": rng_states(self.rng), "extra": self.extra}
+        if self.rank > 0:
+            return save_checkpoint(self.rank_path, own)
+        save_checkpoint(self.ckpt_path, {
+            **{k: v.state_dict() for k, v in self.models().items()}, "iteration": it, "env_steps": self.env_steps,
+            "log": self.log, "args": {**dataclasses.asdict(self.args), "algo": self.rule.name}, "best": self.best,
+            "world": self.n_ranks, **own})
+        last = self.log[-1]
+        if "eval_success" in last and self.best == (last["eval_success"], last["eval_return"]):
+            shutil.copyfile(self.ckpt_path, self.best_path + ".tmp")
+            os.replace(self.best_path + ".tmp", self.best_path)
 
+
+# ----------------------------------------------------------------------------------------
+# The training loop: (1) collect games, (2) critic steps, (3) actor steps after the warm-up,
+# (4) evaluate and checkpoint.
+# ----------------------------------------------------------------------------------------
+def collect_games(run, games):
+    """(1) One game per slot with the current agent, sampled at the training temperature.
+    Returns the Episodes, their sampled ids, and the iteration's first metrics."""
+    draws = [run.rng.choice(run.secrets) if run.secrets else run.rng.randrange(2**31) for _ in games]
+    run.policy.model.eval()
+    trajs, ids, logps = play(run.agent, games, draws, run.args.temperature, keep_ids=True)
+    run.env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
+    roll, lp = summarize(trajs), [x for t in logps for x in t]
+    m = {"env_steps": run.env_steps, "train_return": roll["return"], "train_success": roll["success"],
+         "logp": sum(lp) / len(lp), "repeats": repeat_share(trajs)}
+    if run.user_game is None:  # the built-in games' answer to an utterance they do not understand
+        bad, n = all_sum(torch.tensor([sum(x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t),
+                                       sum(len(t) for t in trajs)])).tolist()
+        m["invalid"] = bad / n
+    return trajs, ids, m
+
+
+def end_iteration(run, it: int, m: dict, t0: float) -> bool:
+    """(4) Evaluate every --eval-every iterations and at the end; log, print, checkpoint.
+    Returns True when the run is over (last iteration, step budget spent)."""
+    args = run.args
+    last = it == args.iterations - 1 or 0 < args.max_env_steps <= run.env_steps
+    if (it + 1) % args.eval_every == 0 or last:
+        m.update(evaluate(run.agent, run.eval_games, run.eval_draws, args.seed, args.temperature)[0])
+        run.best = max(run.best, (m["eval_success"], m["eval_return"]))
+    m["skipped_updates"], m["seconds"], run.skipped = run.skipped, time.time() - t0, 0
+    if run.dev.type == "cuda":  # the iteration's peak, then reset for the next one
+        m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(run.dev) / 2**30
+        torch.cuda.reset_peak_memory_stats(run.dev)
+    run.log.append(m)
+    run.record([m])
+    line = (f"it {it:4d} | steps {run.env_steps:6d} | train return {m['train_return']:6.2f} success "
+            f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else "")
+            + f" repeats {m['repeats']:4.0%} logp {m['logp']:5.2f}")
+    if "critic_loss" in m:
+        line += f" | critic {m['critic_loss']:.3f} fit {m['critic_fit']:5.2f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
+    if "eval_success" in m:
+        line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
+    gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
+    tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
+    return last
+
+
+def train(args: Args, game=None, rule=None):
+    """Warm start, then iterations of `rule` (ArCHer unless baselines.py passes another) on
+    args.env, or on `game` if given (any object that follows the protocol in envs.py; args.env
+    then only names it in the checkpoint). Returns (policy, critic, list of metric dicts, one
+    per iteration). The command line is this with parse_args():
+    `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
+    rule = rule or ArCHer()
+    run = Run(args, game, rule)
+    if args.eval_only:
+        return evaluate_only(run)
     if args.resume:  # the metrics file may hold iterations past the checkpoint: rewrite it from the log
-        record(log, "w")
+        run.record(run.log, "w")
     else:
-        # Warm start: clone the demonstrator, and seed the replay buffer with its dialogues
-        # (the critic's first targets then come from real, if suboptimal, play).
-        t0 = time.time()
-        demos = demonstrations(fresh(args.seed + 1), args.bc_games, args.seed + 1)
-        for traj in demos if args.algo == "archer" else []:
-            for tr in traj:
-                buffer.add(tr)
-        warm = {"iteration": -1, "env_steps": 0}
-        if demos:
-            r_min = min(tr[2] for traj in demos for tr in traj)
-            critic.start_pessimistic(min(r_min, 0.0) / (1 - args.gamma))
-            target.load_state_dict(critic.state_dict())
-            warm["bc_loss"] = behaviour_clone(policy, demos, args, rng)
-            demo = summarize(demos)
-            warm.update(demo_return=demo["return"], demo_success=demo["success"])
-            print(f"warm start: bc_loss {warm['bc_loss']:.3f} | demonstrator success {demo['success']:.0%} "
-                  f"return {demo['return']:.2f}", end=" | ")
-        else:
-            print("the game has no demonstrator: RL starts from the model as it is", end=" | ")
-        warm.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0], seconds=time.time() - t0)
-        log = [warm]
-        record(log, "w")
-        print(f"greedy success {warm['eval_success']:.0%} return {warm['eval_return']:.2f} | sampled success "
-              f"{warm['eval_sampled_success']:.0%} ({warm['seconds']:.0f}s)")
-        best = (warm["eval_success"], warm["eval_return"])
-        checkpoint(-1)  # an interrupted run resumes after the warm start, not before it
-
-    games = [fresh(args.seed * 1000 + i) for i in range(args.games)]
-    end = start_it if 0 < args.max_env_steps <= env_steps else args.iterations  # a resumed run may be done
+        warm_start(run)
+    games = [run.fresh(args.seed * 1000 + i) for i in range(args.games)]
+    end = run.start_it if 0 < args.max_env_steps <= run.env_steps else args.iterations  # a resumed run may be done
 
     # Ctrl-C or SIGTERM (a scheduler's "time is up") finishes the current iteration, saves a
     # checkpoint and stops; a second Ctrl-C quits at once. Stopping mid-iteration would save a
@@ -813,127 +967,33 @@ def train(args: Args, game=None):
     old_handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    bar = tqdm(range(start_it, end), desc=args.algo, initial=start_it, total=args.iterations, disable=rank > 0)
     try:
-        for it in bar:
+        for it in tqdm(range(run.start_it, end), desc=rule.name, initial=run.start_it, total=args.iterations,
+                       disable=run.rank > 0):
             t0 = time.time()
-            m, skipped = {"iteration": it}, 0
-            # 1. Rollouts with the current policy, sampled at the training temperature.
-            policy.model.eval()
-            draws = [rng.choice(secrets) if secrets else rng.randrange(2**31) for _ in games]
-            trajs, ids = play(policy, games, draws, args.temperature, keep_ids=True)
-            if args.algo == "archer":
-                for traj in trajs:
-                    for tr in traj:
-                        buffer.add(tr)
-            env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
-            roll = summarize(trajs)
-            m.update(env_steps=env_steps, train_return=roll["return"], train_success=roll["success"])
-            if game is None:  # the built-in games' answer to an utterance they do not understand
-                bad, n = all_sum(torch.tensor([sum(x[3].endswith(envs.INVALID + "\n") for t in trajs for x in t),
-                                               sum(len(t) for t in trajs)])).tolist()
-                m["invalid"] = bad / n
-
-            if args.algo == "archer":
-                # 2. Critic steps. The fresh on-policy actions a~ for every V target of this iteration are
-                # sampled up front (the policy does not change during critic steps), one batch at a time:
-                # all of them at once would hold a key/value cache for critic_steps x batch_size prompts.
-                batches = [buffer.sample(args.batch_size, rng) for _ in range(args.critic_steps)]
-                fresh_actions = [policy.generate(b[0], args.temperature)[0] for b in batches]
-                c_losses, c_stats = [], []
-                for batch, a_fresh in zip(batches, fresh_actions):
-                    loss, st = critic_loss(critic, target, batch, a_fresh, args.gamma)
-                    skipped += not clipped_step(critic_opt, critic.parameters(), loss, args.grad_clip)
-                    polyak(target, critic, args.tau)
-                    c_losses.append(loss.item())
-                    c_stats.append(st)
-                m.update(critic_loss=float(np.mean(c_losses)), q_mean=float(np.mean([s["q_mean"] for s in c_stats])),
-                         v_mean=float(np.mean([s["v_mean"] for s in c_stats])))
-
-                # 3. Actor steps, after the critic's warm-up: fresh actions for buffer states, scored by
-                # the critic's advantage, pushed up or down by REINFORCE inside the utterance.
-                a_losses, advs = [], []
-                if it >= args.warmup_iters:
-                    for _ in range(args.actor_steps):
-                        states = buffer.sample(args.batch_size, rng)[0]
-                        texts, pids, pmask, aids, amask = policy.sample(states, args.temperature)
-                        adv = advantage(critic, states, texts)
-                        policy.model.train()
-                        logp = sequence_logprobs(policy, pids, pmask, aids, amask, args.temperature)
-                        loss = actor_loss(logp, adv)
-                        skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                        policy.model.eval()
-                        a_losses.append(loss.item())
-                        advs.append(adv.mean().item())
-                m.update(actor_loss=float(np.mean(a_losses)) if a_losses else None,
-                         advantage_mean=float(np.mean(advs)) if advs else None)
-
-            elif args.algo == "filtered_bc":  # clone the best games so far, no critic
-                dialogues.extend(trajs)
-                pairs = [(s, a) for d in elite(dialogues) for (s, a, *_rest) in d]
-                a_losses = []
-                policy.model.train()
-                for _ in range(args.actor_steps):
-                    loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
-                    skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                    a_losses.append(loss.item())
-                policy.model.eval()
-                m.update(actor_loss=float(np.mean(a_losses)), elite_transitions=len(pairs))
-
-            else:  # reinforce: every transition of this iteration once, split into actor_steps batches
-                flat = [(tr[0], x, g) for traj, tids in zip(trajs, ids)
-                        for tr, x, g in zip(traj, tids, returns_to_go([t[2] for t in traj], args.gamma))]
-                rng.shuffle(flat)
-                a_losses = []
-                policy.model.train()
-                for k in range(args.actor_steps):
-                    part = flat[k::args.actor_steps]
-                    logp = utterance_logprobs(policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
-                    # actor_loss's normalization is the mean baseline (and a common scale with ArCHer)
-                    loss = actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
-                    skipped += not clipped_step(actor_opt, policy.model.parameters(), loss, args.grad_clip)
-                    a_losses.append(loss.item())
-                policy.model.eval()
-                m.update(actor_loss=float(np.mean(a_losses)))
-
-            # 4. Held-out evaluation, metrics, checkpoint.
-            last = it == args.iterations - 1 or 0 < args.max_env_steps <= env_steps
-            if (it + 1) % args.eval_every == 0 or last:
-                m.update(evaluate(policy, eval_games, eval_draws, args.seed, args.temperature)[0])
-                best = max(best, (m["eval_success"], m["eval_return"]))
-            m["skipped_updates"], m["seconds"] = skipped, time.time() - t0
-            if dev.type == "cuda":  # the iteration's peak, then reset for the next one
-                m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-                torch.cuda.reset_peak_memory_stats(dev)
-            log.append(m)
-            record([m])
-            line = (f"it {it:4d} | steps {env_steps:6d} | train return {m['train_return']:6.2f} success "
-                    f"{m['train_success']:4.0%}" + (f" invalid {m['invalid']:4.0%}" if "invalid" in m else ""))
-            if "critic_loss" in m:
-                line += f" | critic {m['critic_loss']:.3f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
-            if "eval_success" in m:
-                line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
-            gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
-            tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
-            if n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
+            trajs, ids, m = collect_games(run, games)  # 1. play with the current policy
+            m = {"iteration": it, **m, **rule.update(run, it, trajs, ids)}  # 2.-3. ArCHer.update: critic, then actor
+            last = end_iteration(run, it, m, t0)  # 4. evaluate, log
+            if run.n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
                 stop.append(signal.SIGTERM)  # a signal reached another rank: all stop after this iteration
             if last or stop or (it + 1) % args.save_every == 0:
-                checkpoint(it)
+                run.checkpoint(it)
             if last or stop:
                 break
     finally:  # a library caller gets its own handlers back, whatever happened
         signal.signal(signal.SIGINT, old_handlers[0])
         signal.signal(signal.SIGTERM, old_handlers[1])
-    if rank == 0:
-        export(policy, critic, args.out)
+    if run.rank == 0:
+        export(run.policy, run.critic, args.out)
     if stop:
         print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
-    final = next((m for m in reversed(log) if "eval_success" in m), {})
+    final = next((m for m in reversed(run.log) if "eval_success" in m), {})
     if final:
-        print(f"final evaluation ({args.env if game is None else type(game).__name__}, {len(eval_draws)} held-out games): greedy success "
-              f"{final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f}; "
-              f"sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
-    return policy, critic, log
+        print(f"final evaluation ({args.env if game is None else type(game).__name__}, {len(run.eval_draws)} evaluation "
+              f"games): greedy success {final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns "
+              f"{final['eval_turns']:.1f}; sampled success {final['eval_sampled_success']:.0%}, return "
+              f"{final['eval_sampled_return']:.2f}")
+    return run.policy, run.critic, run.log
 
 
 if __name__ == "__main__":

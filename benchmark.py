@@ -1,13 +1,14 @@
 """Side-by-side benchmark: ArCHer against its baselines at the same budget of environment steps.
 
-Runs `archer.py --algo A --env G --seed S` for every algorithm, game and seed (each run in its
-own directory, resumed if interrupted, skipped if finished), then writes a markdown table and,
-when matplotlib is installed, one learning-curve PNG per game:
+Runs `archer.py --env G --seed S` for ArCHer and `baselines.py --algo A ...` for each baseline
+(filtered BC, REINFORCE, CHAI), for every game and seed (each run in its own directory, resumed
+if interrupted, skipped if finished), then writes a markdown table and, when matplotlib is
+installed, one learning-curve PNG per game:
 
     python benchmark.py                                   # 3 seeds, both Twenty Questions games
     python benchmark.py --games twentyq_subset --env-steps 5000 --seeds 1 -- --bc-steps 300
 
-Flags after `--` go to every archer.py run unchanged (and override ALGO_FLAGS). The question it
+Flags after `--` go to every run unchanged (and override ALGO_FLAGS). The question it
 answers is the paper's headline: how many environment steps does each learning rule need to
 play well? Steps, not seconds: so ArCHer runs with the paper's 50 critic steps per iteration
 (archer.py's default of 20 keeps its quick start short; more critic steps per environment
@@ -20,11 +21,12 @@ import os
 import subprocess
 import sys
 
-import archer
 import envs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALGO_FLAGS = {"archer": ["--critic-steps", "50"]}  # the paper's critic updates per iteration
+ALGOS = ("archer", "filtered_bc", "reinforce", "chai")
+# the paper's critic updates per iteration, for both rules that train ArCHer's critic
+ALGO_FLAGS = {"archer": ["--critic-steps", "50"], "chai": ["--critic-steps", "50"]}
 
 
 def run_dir(out, game, algo, seed):
@@ -42,7 +44,7 @@ def finished(log, budget):
 
 
 def run(game, algo, seed, args, extra):
-    """One archer.py run to the step budget; resumes from its checkpoint when there is one."""
+    """One run to the step budget; resumes from its checkpoint when there is one."""
     path = run_dir(args.out, game, algo, seed)
     # A run kept from an earlier benchmark counts only if it was asked for with the same settings
     # (a larger --env-steps may extend it; a moved --out may hold it).
@@ -57,7 +59,8 @@ def run(game, algo, seed, args, extra):
     os.makedirs(path, exist_ok=True)
     with open(asked, "w") as f:
         json.dump(flags, f)
-    cmd = [sys.executable, os.path.join(HERE, "archer.py"), "--algo", algo, "--env", game, "--seed", str(seed),
+    script = ["archer.py"] if algo == "archer" else ["baselines.py", "--algo", algo]
+    cmd = [sys.executable, os.path.join(HERE, script[0]), *script[1:], "--env", game, "--seed", str(seed),
            "--out", path, "--max-env-steps", str(args.env_steps), "--iterations", "1000000",
            "--eval-every", str(args.eval_every), *flags]
     if os.path.exists(os.path.join(path, "checkpoint.pt")):
@@ -85,30 +88,39 @@ def iterations(log):
 def training_games(log, last=10):
     """Mean (success, return) of the training games of the last `last` iterations: sampled play
     of the current policy, 32 games per iteration by default, so hundreds of games where the
-    held-out set of the subset has 10."""
+    fixed evaluation set of the subset has 10."""
     rows = iterations(log)[-last:]
     return (sum(m["train_success"] for m in rows) / len(rows), sum(m["train_return"] for m in rows) / len(rows))
 
 
 def steps_to(log, level):
-    """The first evaluated env step count at which greedy success reached `level` (None: never)."""
-    return next((s for s, v in curve(log) if v >= level), None)
+    """The first env step count at which the training games' return, a 5-iteration moving
+    average, reached `level` (None: never)."""
+    rows = iterations(log)
+    return next((rows[i]["env_steps"] for i in range(4, len(rows))
+                 if sum(m["train_return"] for m in rows[i - 4: i + 1]) / 5 >= level), None)
 
 
-def reference_success(game):
-    env = envs.make_env(game, seed=0)
-    return envs.evaluate_player(env, lambda g: g.reference())["success"]
+def reference_player(game):
+    """(success, return) of the information-gain reference player on every secret once."""
+    r = envs.evaluate_player(envs.make_env(game, seed=0), lambda g: g.reference())
+    return r["success"], r["return"]
 
 
 def report(game, args):
     """Markdown rows for one game and, with matplotlib, its PNG. Returns the table as text."""
     logs = {a: [read_log(run_dir(args.out, game, a, s)) for s in args.seeds] for a in args.algos}
     finals = {a: [next(m for m in reversed(L) if "eval_success" in m) for L in logs[a]] for a in args.algos}
-    target = 0.8 * mean_std([f["eval_success"] for f in finals["archer"]])[0] if "archer" in finals else None
+    # The steps column's bar: halfway from the warm start's sampled return to the reference player's
+    # return, on the training games (sampled play), so that it is neither met at step 0 nor out of reach.
+    warm = mean_std([L[0]["eval_sampled_return"] for runs in logs.values() for L in runs])[0]
+    target = (warm + reference_player(game)[1]) / 2
     rows = [f"### {game}: {args.env_steps} environment steps, seeds {' '.join(map(str, args.seeds))}", "",
+            f"Steps to halfway: the first step at which the training games' return (5-iteration mean) reached "
+            f"{target:.2f}, halfway from the warm start's sampled return ({warm:.2f}) to the reference player's.", "",
             "| algorithm | greedy success | greedy return | sampled success | sampled return | training-game success "
-            "| training-game return | steps to 80% of ArCHer's success | steps / ArCHer's | wall time |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| training-game return | steps to halfway | steps / ArCHer's | wall time | s / iteration |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     reach = {}
     for a in args.algos:
         cols = {k: [f[k] for f in finals[a]] for k in ("eval_success", "eval_return", "eval_sampled_success",
@@ -116,12 +128,14 @@ def report(game, args):
         cols["train_success"], cols["train_return"] = zip(*[training_games(L) for L in logs[a]])
         cols = ["{:.0%} ± {:.0%}".format(*mean_std(xs)) if "success" in k else "{:.2f} ± {:.2f}".format(*mean_std(xs))
                 for k, xs in cols.items()]
-        hits = [steps_to(L, target) for L in logs[a]] if target is not None else [None]
+        hits = [steps_to(L, target) for L in logs[a]]
         reach[a] = mean_std(hits)[0] if None not in hits else None
         base = reach.get("archer")
         ratio = f"{reach[a] / base:.1f}x" if reach[a] is not None and base else "-"
         wall = mean_std([sum(m["seconds"] for m in L) for L in logs[a]])[0]
-        cols += [f"{reach[a]:.0f}" if reach[a] is not None else "not reached", ratio, f"{wall / 60:.1f} min"]
+        per_it = mean_std([sum(m["seconds"] for m in iterations(L)) / len(iterations(L)) for L in logs[a]])[0]
+        cols += [f"{reach[a]:.0f}" if reach[a] is not None else "not reached", ratio, f"{wall / 60:.1f} min",
+                 f"{per_it:.1f}"]
         rows.append(f"| {a} | " + " | ".join(cols) + " |")
     plot(game, logs, args)
     return "\n".join(rows) + "\n"
@@ -154,11 +168,11 @@ def plot(game, logs, args):
     demo = [L[0]["demo_success"] for runs in logs.values() for L in runs if "demo_success" in L[0]]
     if demo:
         tr.axhline(sum(demo) / len(demo), color="gray", ls=":", label="demonstrator")
-    reference = reference_success(game)  # plays every secret once: computed once for both panels
+    reference = reference_player(game)[0]  # plays every secret once: computed once for both panels
     for axis in (ax, tr):
         axis.axhline(reference, color="black", ls="--", label="reference player")
         axis.legend()
-    ax.set(xlabel="environment steps", ylabel="success", title="held-out games, greedy (min-max over seeds)")
+    ax.set(xlabel="environment steps", ylabel="success", title="fixed evaluation set, greedy (min-max over seeds)")
     tr.set(xlabel="environment steps", ylabel="success", title="training games, sampled (5-iteration mean)")
     fig.suptitle(game)
     path = os.path.join(args.out, f"{game}.png")
@@ -171,10 +185,10 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--games", nargs="+", default=["twentyq_subset", "twentyq"], choices=envs.ENV_NAMES)
-    p.add_argument("--algos", nargs="+", default=list(archer.ALGOS), choices=archer.ALGOS)
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--env-steps", type=int, default=25000, help="budget of environment steps per run")
-    p.add_argument("--eval-every", type=int, default=10, help="iterations between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations on the fixed set")
     p.add_argument("--out", default="runs/benchmark", help="one directory per run below it; table and plots here")
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     for game in args.games:

@@ -122,11 +122,12 @@ def with_lora(model, rank: int):
 
 
 def export(policy, critic, out: str):
-    """<out>/actor and <out>/critic: the trained actor and the critic's encoder, each with its
-    tokenizer, for from_pretrained anywhere (the critic's heads live in checkpoint.pt). LoRA
+    """<out>/actor and <out>/critic: the trained actor and the critic's encoder (if the rule has
+    a critic), each with its tokenizer, for from_pretrained anywhere (the critic's heads live in checkpoint.pt). LoRA
     adapters are merged into the actor's weights first, so the export needs no peft."""
     if hasattr(policy.model, "merge_and_unload"):
         policy.model = policy.model.merge_and_unload()
-    for net, tok, name in ((policy.model, policy.tok, "actor"), (critic.encoder, critic.tok, "critic")):
+    parts = [(policy.model, policy.tok, "actor")] + ([(critic.encoder, critic.tok, "critic")] if critic else [])
+    for net, tok, name in parts:
         net.save_pretrained(os.path.join(out, name))
         tok.save_pretrained(os.path.join(out, name))

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import archer
+import baselines
 import envs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -246,9 +247,13 @@ def test_cli_unknown_secret_is_a_clear_error():
     assert r.returncode == 2 and "'zebra' is not a secret of twentyq" in r.stderr and "Traceback" not in r.stderr
 
 
-def run_archer(*flags, timeout=600, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "archer.py"), *flags], capture_output=True,
+def run_archer(*flags, timeout=600, env=None, script="archer.py"):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *flags], capture_output=True,
                           text=True, timeout=timeout, cwd=HERE, env=env)
+
+
+def run_baseline(*flags):
+    return run_archer(*flags, script="baselines.py")
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +342,7 @@ def test_finished_utterances_leave_the_batch_without_changing_the_others(policy)
 def test_sample_masks_end_at_the_stop_string(policy, stop):
     policy = archer.Policy(policy.model, policy.tok, max_new_tokens=12, stop=stop)
     torch.manual_seed(3)
-    texts, _, _, aids, amask = policy.sample(["Questions:\n"] * 16)
+    texts, _, _, aids, amask, _ = policy.sample(["Questions:\n"] * 16)
     ended = 0
     for text, ids, m in zip(texts, aids, amask):
         n = int(m.sum())
@@ -628,10 +633,10 @@ def test_elite_keeps_the_top_tenth_with_ties():
     def dialogue(ret):  # one transition per -1 of return, the last one winning
         return [("s", "a", -1.0, "s", False)] * int(-ret) + [("s", "win", 0.0, "s", True)]
     games = [dialogue(-r) for r in range(20)]  # returns 0, -1, ..., -19
-    assert [sum(t[2] for t in d) for d in archer.elite(games)] == [0.0, -1.0]  # top 10% of 20
+    assert [sum(t[2] for t in d) for d in baselines.elite(games)] == [0.0, -1.0]  # top 10% of 20
     games.append(dialogue(-1))  # a tie at the cut is kept: 3 games now
-    assert sorted(sum(t[2] for t in d) for d in archer.elite(games)) == [-1.0, -1.0, 0.0]
-    assert len(archer.elite(games[:3])) == 1  # at least one game, even from few
+    assert sorted(sum(t[2] for t in d) for d in baselines.elite(games)) == [-1.0, -1.0, 0.0]
+    assert len(baselines.elite(games[:3])) == 1  # at least one game, even from few
 
 
 def test_returns_to_go_by_hand():
@@ -641,7 +646,7 @@ def test_returns_to_go_by_hand():
 
 def test_utterance_logprobs_are_those_of_the_sampled_ids(policy):
     states = ["Questions:\n", "Questions:\nIs it alive? No.\n"]
-    texts, pids, pmask, gen, amask = policy.sample(states, temperature=1.3)
+    texts, pids, pmask, gen, amask, _ = policy.sample(states, temperature=1.3)
     ids = [g[m.bool()] for g, m in zip(gen, amask)]
     with torch.no_grad():
         ref = archer.sequence_logprobs(policy, pids, pmask, gen, amask, 1.3)
@@ -649,20 +654,50 @@ def test_utterance_logprobs_are_those_of_the_sampled_ids(policy):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("algo", ["filtered_bc", "reinforce"])
+def test_chai_says_the_candidate_with_the_highest_min_q():
+    class Candidates:  # the k calls return the k candidates of both states in turn
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, states, temperature=1.0, greedy=False):
+            self.calls.append(greedy)
+            j = len(self.calls) - 1
+            return [f"{s}-c{j}" for s in states], [torch.tensor([j, i]) for i in range(len(states))], torch.full((len(states),), -float(j))
+
+    class Scores(nn.Module):  # Q1, Q2 per (state, candidate): state 0 prefers c2 by min Q, state 1 c0
+        table = {"a-c0": (0.0, -5.0), "a-c1": (-1.0, -1.5), "a-c2": (-1.2, -1.2),
+                 "b-c0": (-2.0, -2.0), "b-c1": (9.0, -3.0), "b-c2": (-4.0, 0.0)}
+
+        def q(self, states, actions):
+            assert list(states) == ["a", "b"] * 3 and all(x.startswith(s) for s, x in zip(states, actions))
+            return tuple(torch.tensor([self.table[x][h] for x in actions]) for h in (0, 1))
+
+    policy = Candidates()
+    texts, ids, logps = baselines.ChaiAgent(policy, Scores(), k=3).generate(["a", "b"], greedy=True)
+    assert texts == ["a-c2", "b-c0"] and policy.calls == [True, False, False]  # the greedy one is a candidate too
+    assert [x.tolist() for x in ids] == [[2, 0], [0, 1]] and logps.tolist() == [-2.0, 0.0]  # the chosen one's
+
+
+@pytest.mark.parametrize("algo", ["filtered_bc", "reinforce", "chai"])
 def test_baselines_run_end_to_end_within_a_step_budget(tmp_path, algo):
     out = str(tmp_path / algo)
-    r = run_archer("--algo", algo, "--iterations", "50", "--max-env-steps", "200", "--out", out, *QUICK)
+    r = run_baseline("--algo", algo, "--iterations", "50", "--max-env-steps", "200", "--out", out, *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert log[-1]["env_steps"] >= 200 and log[-2]["env_steps"] < 200  # stopped at the budget
-    assert log[-1]["actor_loss"] is not None and "eval_success" in log[-1] and "critic_loss" not in log[-1]
-    r = run_archer("--algo", algo, "--iterations", "50", "--max-env-steps", "200", "--out", out, "--resume", *QUICK)
+    if algo == "chai":  # ArCHer's critic, trained; the actor never moves
+        assert log[-1]["critic_loss"] is not None and "actor_loss" not in log[-1] and "eval_success" in log[-1]
+        ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+        assert ck["actor_opt"]["state"] == {} and ck["critic_opt"]["state"]  # no actor step was ever taken
+    else:  # no critic built, checkpointed or exported
+        assert log[-1]["actor_loss"] is not None and "eval_success" in log[-1] and "critic_loss" not in log[-1]
+        assert not os.path.exists(os.path.join(out, "critic"))
+    r = run_baseline("--algo", algo, "--iterations", "50", "--max-env-steps", "200", "--out", out, "--resume", *QUICK)
     assert r.returncode == 0 and len(open(os.path.join(out, "metrics.jsonl")).readlines()) == len(log)
 
 
 def test_unknown_algo_is_a_clear_error(tmp_path):
-    r = run_archer("--algo", "ppo", "--out", str(tmp_path), *QUICK)
+    r = run_baseline("--algo", "ppo", "--out", str(tmp_path), *QUICK)
     assert r.returncode == 2 and "unknown --algo" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -673,7 +708,7 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
     benchmark.main(argv)
     table = open(tmp_path / "results.md").read()
     header = next(line for line in table.splitlines() if line.startswith("| algorithm"))
-    for algo in archer.ALGOS:
+    for algo in benchmark.ALGOS:
         row = next(line for line in table.splitlines() if line.startswith(f"| {algo} |"))
         assert row.count("|") == header.count("|")  # a value in every column
         log = benchmark.read_log(benchmark.run_dir(str(tmp_path), "twentyq_subset", algo, 1))
@@ -684,11 +719,11 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
     assert benchmark.ALGO_FLAGS["archer"] == ["--critic-steps", "50"] and ck["args"]["critic_steps"] == 2
     capsys.readouterr()
     benchmark.main(argv)  # finished runs are not run again
-    assert capsys.readouterr().out.count("done already") == len(archer.ALGOS)
+    assert capsys.readouterr().out.count("done already") == len(benchmark.ALGOS)
     with pytest.raises(SystemExit, match="was run with other archer.py flags"):  # nor counted when asked differently
         benchmark.main(argv + ["--actor-steps", "2"])
     benchmark.main([a if a != "100" else "150" for a in argv])  # a larger budget continues the kept runs
-    for algo in archer.ALGOS:
+    for algo in benchmark.ALGOS:
         log = benchmark.read_log(benchmark.run_dir(str(tmp_path), "twentyq_subset", algo, 1))
         assert log[-1]["env_steps"] >= 150 and [m["iteration"] for m in log] == list(range(-1, len(log) - 1))
 
@@ -777,7 +812,7 @@ def test_a_directory_holding_a_run_is_never_overwritten(tmp_path):
     before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
     r = run_archer("--iterations", "1", "--out", out, *QUICK)
     assert r.returncode == 2 and "already holds a run" in r.stderr
-    r = run_archer("--iterations", "2", "--out", out, "--resume", "--algo", "reinforce", *QUICK)
+    r = run_baseline("--iterations", "2", "--out", out, "--resume", "--algo", "reinforce", *QUICK)
     assert r.returncode == 2 and "--algo archer, not reinforce" in r.stderr and "Traceback" not in r.stderr
     assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
 
@@ -821,7 +856,7 @@ def test_the_example_game_trains_from_the_command_line_and_saves_a_loadable_acto
     out = str(tmp_path / "run")
     r = run_archer("--env", "examples.number_game:NumberGame", "--iterations", "2", "--out", out, *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "(twentyq" not in r.stdout and "32 held-out games" in r.stdout
+    assert "(twentyq" not in r.stdout and "32 evaluation games" in r.stdout
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["iteration"] for m in rows] == [-1, 0, 1] and rows[0]["demo_success"] > 0.5
     model, tok = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor")), AutoTokenizer.from_pretrained(os.path.join(out, "actor"))
@@ -833,7 +868,7 @@ def test_the_example_game_trains_from_the_command_line_and_saves_a_loadable_acto
     assert all(torch.equal(saved[k], v) for k, v in ck["actor"].items() if k in saved)
     r = run_archer("--env", "examples.number_game:NumberGame", "--out", out, "--eval-only", "--show", "3", *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("--- held-out game") == 3 and "Find my number from 1 to 32." in r.stdout
+    assert r.stdout.count("--- evaluation game") == 3 and "Find my number from 1 to 32." in r.stdout
 
 
 def test_the_example_game_trains_from_python(tmp_path):
@@ -995,7 +1030,7 @@ def test_two_ranks_stay_identical_and_evaluate_each_secret_once(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"trained{r}.pt", weights_only=False) for r in (0, 1))
     for part in ("actor", "critic"):
         assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
-    assert r0["games_played"] + r1["games_played"] == 10  # the 10 held-out secrets, split between ranks
+    assert r0["games_played"] + r1["games_played"] == 10  # the 10 secrets of the fixed evaluation set, split between ranks
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["iteration"] for m in rows] == [-1, 0, 1] and rows[1]["env_steps"] >= 2 * 8  # both ranks' games
     # The reduced greedy figures are those of one process playing every secret with the same weights.
