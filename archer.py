@@ -35,7 +35,6 @@ Your own game:                    python archer.py --env examples.number_game:Nu
 Data parallel:                    torchrun --standalone --nproc_per_node=2 archer.py --device cpu
 Baselines:                        python baselines.py --algo chai   (or filtered_bc, reinforce)
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -56,7 +55,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
-from models import ModelError, build_tiny_tokenizer, export, load_actor, load_critic_encoder, with_lora
+import runtime
+from models import ModelError, export, load_actor, load_critic_encoder, with_lora
+from runtime import (all_sum, check_args, device_and_world, fail, load_checkpoint, rng_states, save_checkpoint,
+                     seed_everything, set_rng_states, stop_signals, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,45 +108,8 @@ class Args:
 
 
 def parse_args(argv=None, cls=Args):
-    """Turn the dataclass into argparse flags; booleans become store_true switches."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    p.error = fail  # a mistyped flag is one line and exit status 2, like every other user mistake
-    return cls(**vars(p.parse_args(argv)))
-
-
-def fail(msg: str):
-    """A user mistake: one clear line on stderr and exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# Data parallel (torchrun): every rank plays its own games into its own replay buffer, and
-# every update averages the ranks' gradients, so the replicas stay identical. Alone, these
-# two helpers are the identity.
-def world():
-    """(rank, number of ranks): (0, 1) in a single process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_sum(x):
-    """x summed over the ranks (nccl needs the tensor on the GPU, gloo on the CPU)."""
-    if not dist.is_initialized():
-        return x
-    y = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(y)
-    return y.to(x.device)
+    """The flags as an Args (runtime.py turns every field into --field-name)."""
+    return runtime.parse_args(argv, cls, __doc__.split("\n")[0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -373,25 +338,12 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
 # ----------------------------------------------------------------------------------------
-def reset(games, draws):
-    """Start every game: draws are secrets for a game with a `secrets` list; for one without,
-    each is a seed for Python's `random` module during that reset (restored afterwards)."""
-    if not games or hasattr(games[0], "secrets"):
-        return [g.reset(secret=d) for g, d in zip(games, draws)]
-    state, states = random.getstate(), []
-    for g, d in zip(games, draws):
-        random.seed(d)
-        states.append(g.reset())
-    random.setstate(state)
-    return states
-
-
 def play(agent, games, draws, temperature=1.0, greedy=False, keep_ids=False):
     """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or
     anything with its generate()). Returns one envs.Episode of transitions (state, utterance,
     reward, next_state, done) per game; with keep_ids, also per game the sampled token ids of
     every utterance ((T_i,) tensors, stop included) and their log-probs."""
-    states = reset(games, draws)
+    states = envs.reset_all(games, draws)
     trajs, ids, logps = [envs.Episode() for _ in games], [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
@@ -634,14 +586,6 @@ def evaluate_only(run):
 # ----------------------------------------------------------------------------------------
 # Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
 # ----------------------------------------------------------------------------------------
-def demonstrations(game, n: int, seed: int):
-    """n dialogues of the game's scripted demonstrator (none if it has no demonstrator)."""
-    rng = random.Random(seed)
-    if not hasattr(game, "demonstrator"):
-        return []
-    return [envs.play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
-
-
 def imitation_loss(policy: Policy, pairs):
     """-log pi(utterance + stop string | state), averaged over tokens, on (state, utterance) pairs.
     The utterance is tokenized from its text: cloning imitates text, whatever ids produced it."""
@@ -677,7 +621,7 @@ def warm_start(run):
     targets then come from real, if suboptimal, play); evaluate; checkpoint, so that an
     interrupted run resumes after the warm start, not before it."""
     args, t0 = run.args, time.time()
-    demos = demonstrations(run.fresh(args.seed + 1), args.bc_games, args.seed + 1)
+    demos = envs.demonstrations(run.fresh(args.seed + 1), args.bc_games, args.seed + 1)
     warm = {"iteration": -1, "env_steps": 0}
     if demos:
         if run.critic is not None:
@@ -705,68 +649,8 @@ def warm_start(run):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints and argument checks: everything that affects the future, written atomically.
+# The run: models, optimizers, replay buffer and log, and the checkpoint that holds them all.
 # ----------------------------------------------------------------------------------------
-def save_checkpoint(path, state: dict):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-
-
-def rng_states(rng: random.Random):
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "trainer": rng.getstate()}
-
-
-def set_rng_states(st, rng: random.Random):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    rng.setstate(st["trainer"])
-
-
-def check_args(args: Args):
-    """Impossible settings fail at once, in one line, before anything is built or written."""
-    for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps",
-                 "gen_batch_size", "lora_rank"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} cannot be negative (got {getattr(args, name)})")
-    for name in ("bc_lr", "critic_lr", "actor_lr", "grad_clip", "temperature"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if args.dtype not in ("auto", "float32", "bfloat16"):
-        fail(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
-    if not args.stop:
-        fail("--stop cannot be empty: utterances need a string that ends them")
-    if not 0 < args.tau <= 1:
-        fail(f"--tau must be in (0, 1] (got {args.tau}): the share of the online critic mixed into the target per step")
-    if not 0 <= args.gamma < 1:
-        fail(f"--gamma must be in [0, 1) (got {args.gamma})")
-    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        fail(f"--device {args.device}: use auto, cpu or cuda (cuda only where a GPU is visible)")
-
-
-def load_checkpoint(path, args: Args, algo: str, dev):
-    """The checkpoint at `path`, refused in one line if it is unreadable or from another run;
-    a refused file is left as it is."""
-    try:
-        ck = torch.load(path, map_location=dev, weights_only=False)
-    except Exception as e:  # truncated, corrupt, not a checkpoint: all the same to the user
-        fail(f"cannot read the checkpoint {path} ({type(e).__name__}); it is left untouched: "
-             "best.pt beside it holds the best evaluated state, or start a new run in another --out")
-    saved = ck.get("args", {}) if isinstance(ck, dict) else {}
-    for key, value in (("env", args.env), ("model", args.model), ("critic", args.critic), ("algo", algo)):
-        if saved.get(key, "archer" if key == "algo" else None) != value:
-            fail(f"{path} is a run with --{key} {saved.get(key, 'archer')}, not {value}; "
-                 f"resume it with the same flags or use another --out")
-    return ck
-
-
 class Run:
     """Everything a training run holds: the game and its fixed evaluation set, the models and
     optimizers, the replay buffer, the random streams and the log. Built from the flags (and
@@ -775,11 +659,7 @@ class Run:
     def __init__(self, args: Args, game, rule):
         check_args(args)
         self.args, self.rule, self.user_game = args, rule, game
-        if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
-            dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
-        self.rank, self.n_ranks = world()
-        if self.rank > 0:  # one voice: only rank 0 prints and shows progress bars
-            sys.stdout = open(os.devnull, "w")
+        self.rank, self.n_ranks, dev = device_and_world(args)
         try:  # the game first: a user's game that cannot load fails before anything is built
             self.game = envs.check_game(game, "the game object") if game is not None else envs.load_game(args.env, args.seed)
         except envs.GameError as e:
@@ -792,13 +672,7 @@ class Run:
         if not (args.resume or args.eval_only) and os.path.exists(self.ckpt_path):
             fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
         seed_everything(args.seed)  # the same on every rank: the replicas start identical
-        self.rng = random.Random(args.seed + self.rank)  # the trainer's own stream: secrets and buffer sampling
-        dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if args.device == "auto" else args.device))
-        if dev.type == "cuda" and self.n_ranks > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(dev)
-        self.dev = dev
+        self.rng, self.dev = random.Random(args.seed + self.rank), dev  # the trainer's own stream: secrets, buffer samples
         ck = load_checkpoint(self.ckpt_path, args, rule.name, dev) if args.resume or args.eval_only else None
         if ck is not None and ck.get("world", 1) != self.n_ranks and not args.eval_only:
             fail(f"{self.ckpt_path} was trained by {ck.get('world', 1)} processes, not {self.n_ranks}: resume it with "
@@ -952,22 +826,7 @@ def train(args: Args, game=None, rule=None):
         warm_start(run)
     games = [run.fresh(args.seed * 1000 + i) for i in range(args.games)]
     end = run.start_it if 0 < args.max_env_steps <= run.env_steps else args.iterations  # a resumed run may be done
-
-    # Ctrl-C or SIGTERM (a scheduler's "time is up") finishes the current iteration, saves a
-    # checkpoint and stops; a second Ctrl-C quits at once. Stopping mid-iteration would save a
-    # half-updated state that --resume could not continue exactly.
-    stop = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        tqdm.write("stopping after this iteration to save a checkpoint (Ctrl-C again quits at once)")
-
-    old_handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
+    with stop_signals() as stop:  # Ctrl-C / SIGTERM: finish the iteration, checkpoint, stop
         for it in tqdm(range(run.start_it, end), desc=rule.name, initial=run.start_it, total=args.iterations,
                        disable=run.rank > 0):
             t0 = time.time()
@@ -980,9 +839,6 @@ def train(args: Args, game=None, rule=None):
                 run.checkpoint(it)
             if last or stop:
                 break
-    finally:  # a library caller gets its own handlers back, whatever happened
-        signal.signal(signal.SIGINT, old_handlers[0])
-        signal.signal(signal.SIGTERM, old_handlers[1])
     if run.rank == 0:
         export(run.policy, run.critic, args.out)
     if stop:

@@ -39,7 +39,8 @@ def elite(dialogues, frac: float = 0.1, returns=None):
 
 class FilteredBC:
     """Clone the top 10% of every game played so far. Only that elite and the returns of all
-    games are kept (a float per game), not every dialogue."""
+    games (a float per game) are kept, not every dialogue: a game that falls below the cut is
+    dropped for good, even if a later, lower cut would have let it back in."""
     name, uses_critic = "filtered_bc", False
 
     def agent(self, run):

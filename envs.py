@@ -8,7 +8,7 @@ The protocol of a game (a user's game for `archer.py --env module:factory` too).
   reset() -> state                   a new game; the state is the text the agent reads
   step(utterance) -> (state, reward, done)   the built-in games: -1 per turn, 0 on the winning turn
 Optional, each used when present:
-  secrets, reset(secret=s)           the held-out evaluation set (every secret once); without
+  secrets, reset(secret=s)           the fixed evaluation set (every secret once); without
                                      it, evaluation plays --eval-games games, each reset with
                                      Python's `random` module seeded (draw from it to vary games)
   demonstrator(rng) -> utterance     a scripted player to clone before RL; without it, RL
@@ -401,6 +401,27 @@ def play(env, policy, secret=None):
         out.append((state, clean(utterance), reward, nxt, done))
         state = nxt
     return finish(env, out)
+
+
+def reset_all(games, draws):
+    """Start every game: draws are secrets for a game with a `secrets` list; for one without,
+    each is a seed for Python's `random` module during that reset (restored afterwards)."""
+    if not games or hasattr(games[0], "secrets"):
+        return [g.reset(secret=d) for g, d in zip(games, draws)]
+    state, states = random.getstate(), []
+    for g, d in zip(games, draws):
+        random.seed(d)
+        states.append(g.reset())
+    random.setstate(state)
+    return states
+
+
+def demonstrations(game, n: int, seed: int):
+    """n dialogues of the game's scripted demonstrator (none if it has no demonstrator)."""
+    rng = random.Random(seed)
+    if not hasattr(game, "demonstrator"):
+        return []
+    return [play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
 
 
 def evaluate_player(env, policy):

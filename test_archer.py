@@ -2,7 +2,6 @@
 import copy
 import csv
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import torch.nn as nn
 import archer
 import baselines
 import envs
+import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -377,7 +377,7 @@ def test_bf16_autocast_is_close_to_float32(policy):
 def test_gradient_checkpointing_gives_the_same_gradients():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = archer.build_tiny_tokenizer(envs.make_env("twentyq_subset"))
+    tok = models.build_tiny_tokenizer(envs.make_env("twentyq_subset"))
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     grads = []
@@ -439,6 +439,133 @@ def test_polyak_by_hand():
     archer.polyak(target, online, tau=0.1)
     assert target.weight[0].tolist() == pytest.approx([0.1, 0.1])
     assert target.bias.item() == pytest.approx(0.9 * -2.0 + 0.1 * 2.0)
+
+
+# ---- call sites: how train() wires the pieces together (each test fails if the wiring breaks) ----
+def small_run(tmp_path, *flags, rule=None):
+    """A real Run of the quick settings, its buffer filled with demonstrator games, no training."""
+    args = archer.parse_args(["--out", str(tmp_path / "run"), *QUICK, *flags])
+    run = archer.Run(args, None, rule or archer.ArCHer())
+    run.buffer.add_games(envs.demonstrations(run.fresh(0), 20, 0))
+    return run
+
+
+def recording(calls, fn, name):
+    """fn, with every call's positional arguments appended to calls as (name, args)."""
+    def wrapped(*a):
+        calls.append((name, [list(x) if isinstance(x, (list, tuple)) else x for x in a]))
+        return fn(*a)
+    return wrapped
+
+
+class FreshAgent:
+    """Answers every state with 'fresh <n>', n its position in the batch's states (known actions)."""
+
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, states, temperature=1.0, greedy=False):
+        self.asked.append(list(states))
+        return [f"fresh {k}" for k in range(len(states))], None, None
+
+
+def test_the_v_target_scores_fresh_actions_on_the_batch_states_and_q_targets_the_next_states(tmp_path):
+    run = small_run(tmp_path, "--critic-steps", "1")
+    run.agent, calls = FreshAgent(), []
+    for net, name in ((run.critic, "online"), (run.target, "target")):
+        net.q, net.v = recording(calls, net.q, name + ".q"), recording(calls, net.v, name + ".v")
+    archer.critic_steps(run)
+    got = dict((name, args) for name, args in calls)
+    online_s, online_a = got["online.q"]
+    assert got["online.v"] == [online_s]  # V_i(s) on the batch's states
+    assert got["target.q"] == [online_s, [f"fresh {k}" for k in range(len(online_s))]]  # Qbar(s, a~): fresh, not a
+    assert run.agent.asked == [online_s]  # the fresh actions were sampled for exactly those states
+    assert online_a != got["target.q"][1]  # the buffer's actions trained Q, they did not make the V target
+    by_state = {(tr[0], tr[1]): tr[3] for tr in run.buffer.data}
+    assert got["target.v"] == [[by_state[(x, y)] for x, y in zip(online_s, online_a)]]  # Vbar on s', not on s
+
+
+def test_the_target_critic_follows_the_online_one_after_every_critic_step(tmp_path, monkeypatch):
+    run = small_run(tmp_path, "--critic-steps", "3")
+    real, seen = archer.polyak, []
+
+    def watched(target, online, tau):
+        before = [p.detach().clone() for p in (*target.parameters(), *online.parameters())]
+        real(target, online, tau)
+        n = len(list(target.parameters()))
+        t0, o0 = before[:n], before[n:]
+        moved = sum((t - o).abs().sum() for t, o in zip(t0, o0)) - sum((t - o).abs().sum() for t, o in zip(target.parameters(), online.parameters())).detach()
+        seen.append((target is run.target, all(torch.equal(x, y) for x, y in zip(o0, online.parameters())), float(moved)))
+    monkeypatch.setattr(archer, "polyak", watched)
+    archer.critic_steps(run)
+    assert len(seen) == 3  # one Polyak step after every critic step
+    assert all(is_target and online_kept and moved > 0 for is_target, online_kept, moved in seen), seen
+
+
+def test_the_actor_is_frozen_during_the_critic_warm_up_and_moves_after_it(tmp_path):
+    run = small_run(tmp_path, "--warmup-iters", "2")
+    trajs, ids, _ = archer.collect_games(run, [run.fresh(i) for i in range(4)])
+    weights = lambda: [p.detach().clone() for p in run.policy.model.parameters()]
+    for it, should_move in ((0, False), (1, False), (2, True)):
+        before = weights()
+        run.rule.update(run, it, trajs, ids)
+        moved = any(not torch.equal(x, y) for x, y in zip(before, run.policy.model.parameters()))
+        assert moved == should_move, it
+
+
+def test_the_temperature_reaches_rollouts_fresh_actions_and_the_actor_log_probs(tmp_path, monkeypatch):
+    run = small_run(tmp_path, "--temperature", "0.5", "--warmup-iters", "0")
+    temps, sampled, scored = [], [], []
+    real_scores, real_generate, real_loss = run.policy.scores, run.policy.generate, archer.actor_loss
+
+    def scores(logits, temperature):
+        temps.append(temperature)
+        return real_scores(logits, temperature)
+
+    def generate(states, temperature=1.0, greedy=False):
+        out = real_generate(states, temperature, greedy)
+        sampled.append(out[2])
+        return out
+    run.policy.scores, run.policy.generate = scores, generate
+    monkeypatch.setattr(archer, "actor_loss", lambda logp, adv: scored.append(logp.detach()) or real_loss(logp, adv))
+    trajs, ids, _ = archer.collect_games(run, [run.fresh(i) for i in range(4)])  # rollouts
+    run.rule.update(run, 0, trajs, ids)  # fresh actions for the critic, then the actor step
+    assert temps and set(temps) == {0.5}
+    # the actor's loss scores exactly the distribution that sampled its utterances
+    assert len(scored) == 1 and torch.allclose(scored[0], sampled[-1], atol=1e-4)
+
+
+def test_the_critic_reads_each_texts_final_real_token_under_right_padding(tmp_path):
+    run = small_run(tmp_path)
+    texts = ["Questions:\n", "Questions:\nIs it alive? No.\nIs it food? Yes.\nIs it red? No.\n"]
+    with torch.no_grad():
+        together = run.critic.embed(texts)
+        alone = torch.cat([run.critic.embed([t]) for t in texts])
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_no_behaviour_cloning_steps_still_seeds_the_buffer_and_runs(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_archer("--iterations", "0", "--out", out, *QUICK, "--bc-steps", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    warm = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert warm["bc_loss"] is None and "bc_loss none" in r.stdout
+    assert len(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["buffer"]) > 200  # 200 demo games
+
+
+def test_filtered_bc_keeps_only_the_elite_and_the_returns(tmp_path):
+    run = small_run(tmp_path, rule=baselines.FilteredBC())
+    played = 0
+    for it in range(3):
+        trajs, ids, _ = archer.collect_games(run, [run.fresh(i) for i in range(8)])
+        run.rule.update(run, it, trajs, ids)
+        played += len(trajs)
+        returns = sorted(run.extra["returns"], reverse=True)
+        cut = returns[math.ceil(0.1 * played) - 1]
+        assert len(returns) == played and all(sum(t[2] for t in d) >= cut for d in run.extra["elite"])
+        assert 1 <= len(run.extra["elite"]) <= sum(r >= cut for r in returns)  # only games at or above the cut
+    assert run.critic is None and run.target is None  # a rule without a critic builds none
 
 
 def test_replay_buffer_capacity_and_sampling():
@@ -913,13 +1040,13 @@ def test_evaluation_without_secrets_is_seeded():
             return self.state
 
     games = [Drawn() for _ in range(4)]
-    a = archer.reset(games, ["eval 0", "eval 1", "eval 2", "eval 3"])
-    b = archer.reset(games, ["eval 0", "eval 1", "eval 2", "eval 3"])
+    a = envs.reset_all(games, ["eval 0", "eval 1", "eval 2", "eval 3"])
+    b = envs.reset_all(games, ["eval 0", "eval 1", "eval 2", "eval 3"])
     assert a == b and len(set(a)) > 1  # the same games every time, and not all the same game
 
 
 def test_the_tiny_tokenizer_keeps_every_character_of_unseen_text():
-    tok = archer.build_tiny_tokenizer(Bare())
+    tok = models.build_tiny_tokenizer(Bare())
     text = "Ünïcödé, 東京, emoji 🙂 and\ttabs\n"
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids) == text

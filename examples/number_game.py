@@ -8,7 +8,7 @@ import random
 class NumberGame:
     def __init__(self, seed=0, high=32, max_turns=8):
         self.rng, self.high, self.max_turns = random.Random(seed), high, max_turns
-        self.secrets = list(range(1, high + 1))  # optional: the held-out set, every number once
+        self.secrets = list(range(1, high + 1))  # optional: the fixed evaluation set, every number once
 
     def reset(self, secret=None):
         self.secret = secret if secret is not None else self.rng.choice(self.secrets)
