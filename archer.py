@@ -57,13 +57,12 @@ from tqdm import tqdm
 import envs
 import runtime
 from models import ModelError, export, load_actor, load_critic_encoder, with_lora
-from runtime import (all_sum, check_args, device_and_world, fail, load_checkpoint, rng_states, save_checkpoint,
+from runtime import (all_sum, check_args, device_and_world, fail, open_run_dir, rng_states, save_checkpoint,
                      seed_everything, set_rng_states, stop_signals, world)
 
 
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass; every field becomes a command-line flag (--field-name).
-# ----------------------------------------------------------------------------------------
 @dataclass
 class Args:
     env: str = field(default="twentyq_subset", metadata={"help": "game: " + ", ".join(envs.ENV_NAMES) + ", or module.path:factory for your own"})
@@ -115,7 +114,6 @@ def parse_args(argv=None, cls=Args):
 # ----------------------------------------------------------------------------------------
 # Token plumbing: sampling and the log-probs of what was sampled. The three bugs of the
 # reference code live here (re-tokenized text, ignored temperature, right padding).
-# ----------------------------------------------------------------------------------------
 class Policy:
     """The actor with its tokenizer and the facts about its vocabulary that sampling needs."""
 
@@ -249,7 +247,6 @@ def utterance_logprobs(policy: Policy, states, ids, temperature: float):
 
 # ----------------------------------------------------------------------------------------
 # Critic: an encoder with four heads, Q1, Q2 on (state, utterance) and V1, V2 on the state.
-# ----------------------------------------------------------------------------------------
 class Critic(nn.Module):
     def __init__(self, encoder, tok, max_len: int = 512, bf16: bool = False):
         super().__init__()
@@ -307,7 +304,6 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 
 # ----------------------------------------------------------------------------------------
 # Replay buffer of utterance-level transitions (s, a, r, s', done): a ring of fixed capacity.
-# ----------------------------------------------------------------------------------------
 class ReplayBuffer:
     def __init__(self, capacity: int):
         self.capacity, self.data, self.next = capacity, [], 0
@@ -337,12 +333,11 @@ class ReplayBuffer:
 
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
-# ----------------------------------------------------------------------------------------
-def play(agent, games, draws, temperature=1.0, greedy=False, keep_ids=False):
+def play(agent, games, draws, temperature=1.0, greedy=False):
     """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or
-    anything with its generate()). Returns one envs.Episode of transitions (state, utterance,
-    reward, next_state, done) per game; with keep_ids, also per game the sampled token ids of
-    every utterance ((T_i,) tensors, stop included) and their log-probs."""
+    anything with its generate()). Returns, per game, an envs.Episode of transitions (state,
+    utterance, reward, next_state, done), the sampled ids of its utterances ((T_i,) tensors,
+    stop included) and their log-probs."""
     states = envs.reset_all(games, draws)
     trajs, ids, logps = [envs.Episode() for _ in games], [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
@@ -352,16 +347,15 @@ def play(agent, games, draws, temperature=1.0, greedy=False, keep_ids=False):
         for i, text, x, l in zip(live, texts, sampled, lp.tolist()):
             nxt, r, done = games[i].step(text)
             trajs[i].append((states[i], text, float(r), nxt, bool(done)))
-            if keep_ids:
-                ids[i].append(x)
-                logps[i].append(l)
+            ids[i].append(x)
+            logps[i].append(l)
             states[i] = nxt
             if done:
                 envs.finish(games[i], trajs[i])
             else:
                 still.append(i)
         live = still
-    return (trajs, ids, logps) if keep_ids else trajs
+    return trajs, ids, logps
 
 
 def summarize(trajs):
@@ -406,7 +400,6 @@ def critic_fit(critic, trajs, gamma: float, batch_size: int):
 
 # ----------------------------------------------------------------------------------------
 # The two losses (the paper's equations), and one optimizer step.
-# ----------------------------------------------------------------------------------------
 def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: float):
     """TD losses of ArCHer's double critic on one batch; returns (loss, stats).
 
@@ -489,7 +482,6 @@ def clipped_step(opt, params, loss, max_norm: float) -> bool:
 
 # ----------------------------------------------------------------------------------------
 # ArCHer's learning, one iteration: what train() does with the games it just played.
-# ----------------------------------------------------------------------------------------
 def critic_steps(run) -> dict:
     """--critic-steps TD steps on replay-buffer batches, each followed by the target's Polyak step.
 
@@ -553,7 +545,6 @@ class ArCHer:
 # ----------------------------------------------------------------------------------------
 # Evaluation on the fixed evaluation set: every secret of the game once. The training games
 # draw from the same secrets, so this measures the policy, not generalization to new ones.
-# ----------------------------------------------------------------------------------------
 def evaluate(agent, games, draws, seed: int, temperature: float):
     """Greedy and sampled play of the evaluation draws (every secret once, or --eval-games seeds).
     Both use their own seeded random state, restored afterwards on the CPU and every GPU, so
@@ -563,9 +554,9 @@ def evaluate(agent, games, draws, seed: int, temperature: float):
     games, draws = games[rank::n], draws[rank::n]  # each rank plays its share; summarize adds them up
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed)  # reseeds the CPU and every GPU, all restored on leaving
-        greedy_games = play(agent, games, draws, greedy=True)
+        greedy_games = play(agent, games, draws, greedy=True)[0]
         greedy = summarize(greedy_games)
-        sampled = summarize(play(agent, games, draws, temperature))
+        sampled = summarize(play(agent, games, draws, temperature)[0])
     return {"eval_success": greedy["success"], "eval_return": greedy["return"], "eval_turns": greedy["turns"],
             "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}, greedy_games
 
@@ -585,27 +576,53 @@ def evaluate_only(run):
 
 # ----------------------------------------------------------------------------------------
 # Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
-# ----------------------------------------------------------------------------------------
-def imitation_loss(policy: Policy, pairs):
-    """-log pi(utterance + stop string | state), averaged over tokens, on (state, utterance) pairs.
-    The utterance is tokenized from its text: cloning imitates text, whatever ids produced it."""
-    pids, pmask = policy.encode([s for s, _ in pairs])
-    enc = policy.tok([a + policy.stop_text for _, a in pairs], return_tensors="pt", padding="longest",
-                     add_special_tokens=False, padding_side="right")
-    aids, amask = enc.input_ids.to(pids.device), enc.attention_mask.to(pids.device)
-    return -sequence_logprobs(policy, pids, pmask, aids, amask).sum() / amask.sum()
+def imitation_loss(policy: Policy, dialogues):
+    """-log pi(utterance + stop | state) per agent token, averaged, over every turn of whole
+    dialogues in one forward pass each (teacher forcing): a dialogue's text is the state of its
+    last turn, and every earlier state is a prefix of it, so one pass scores every turn for the
+    cost of the last. Answers get no loss; the position after an utterance's last token is
+    scored on the stop token, which the agent wrote there. A turn whose next state does not
+    extend the state by the utterance starts a new sequence (any game stays clonable)."""
+    enc = lambda text: policy.tok(text, add_special_tokens=False).input_ids
+    stop, seqs = enc(policy.stop_text)[-1], []
+    for d in dialogues:
+        ids = None
+        for s, a, _, s2, _ in d:
+            if ids is None:
+                ids = enc(s)
+                tgt = [-100] * len(ids)  # tgt[i]: the token the logits at position i must predict
+            u = enc(a)
+            tgt[-1:] = [u[0] if u else stop]
+            ids, tgt = ids + u, tgt + u[1:] + [stop] * bool(u)
+            if s2.startswith(s + a):
+                rest = enc(s2[len(s) + len(a):])
+                ids, tgt = ids + rest, tgt + [-100] * len(rest)
+            else:
+                seqs.append((ids, tgt))
+                ids = None
+        if ids is not None:
+            seqs.append((ids, tgt))
+    ctx = policy.max_prompt + policy.max_new_tokens  # a dialogue longer than the context keeps its end
+    ids, tgt = ([torch.tensor(x[k][-ctx:]) for x in seqs] for k in (0, 1))
+    mask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)  # right padding
+    ids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
+    tgt = nn.utils.rnn.pad_sequence(tgt, batch_first=True, padding_value=-100)
+    dev = policy.model.device
+    with policy.amp():
+        logits = policy.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # (B, L, V)
+    return F.cross_entropy(policy.scores(logits, 1.0).flatten(0, 1), tgt.to(dev).flatten(), ignore_index=-100)
 
 
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
-    """Maximize log pi(utterance + stop string | state) on demonstrator transitions; returns the
+    """Maximize log pi(utterance + stop string | state) on demonstrator dialogues, --batch-size
+    // 4 dialogues a step (about as many turns as a batch of transitions, or more); returns the
     last step's loss (None for --bc-steps 0)."""
-    pairs = [(s, a) for t in demos for (s, a, *_rest) in t]
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
     policy.model.train()
     loss = None
     bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
     for step in bar:
-        loss = imitation_loss(policy, [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)])
+        loss = imitation_loss(policy, [demos[rng.randrange(len(demos))] for _ in range(max(1, args.batch_size // 4))])
         # A short linear warm-up then cosine decay: from-scratch tiny models need the large lr
         # early and a small one late to settle on the state-dependent choices.
         for g in opt.param_groups:
@@ -650,7 +667,6 @@ def warm_start(run):
 
 # ----------------------------------------------------------------------------------------
 # The run: models, optimizers, replay buffer and log, and the checkpoint that holds them all.
-# ----------------------------------------------------------------------------------------
 class Run:
     """Everything a training run holds: the game and its fixed evaluation set, the models and
     optimizers, the replay buffer, the random streams and the log. Built from the flags (and
@@ -666,19 +682,9 @@ class Run:
             fail(str(e))
         self.ckpt_path, self.best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
         self.rank_path = os.path.join(args.out, f"rank{self.rank}.pt")  # ranks > 0: their own buffer and random states
-        if (args.resume or args.eval_only) and not os.path.exists(self.ckpt_path):
-            flag = "--resume" if args.resume else "--eval-only"
-            fail(f"{flag}: no checkpoint at {self.ckpt_path}; train first (without {flag}) or point --out at a run")
-        if not (args.resume or args.eval_only) and os.path.exists(self.ckpt_path):
-            fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
+        ck = open_run_dir(args, rule.name, self.ckpt_path, self.rank_path, self.n_ranks, dev)  # None for a new run
         seed_everything(args.seed)  # the same on every rank: the replicas start identical
         self.rng, self.dev = random.Random(args.seed + self.rank), dev  # the trainer's own stream: secrets, buffer samples
-        ck = load_checkpoint(self.ckpt_path, args, rule.name, dev) if args.resume or args.eval_only else None
-        if ck is not None and ck.get("world", 1) != self.n_ranks and not args.eval_only:
-            fail(f"{self.ckpt_path} was trained by {ck.get('world', 1)} processes, not {self.n_ranks}: resume it with "
-                 f"--nproc_per_node={ck.get('world', 1)} (each rank continues its own buffer and random states)")
-        if ck is not None and self.rank > 0 and not args.eval_only:
-            ck.update(torch.load(self.rank_path, map_location=dev, weights_only=False))
         # The fixed evaluation set: every secret once, or --eval-games seeds no training game uses.
         self.secrets = list(getattr(self.game, "secrets", []))
         self.eval_draws = self.secrets or [f"eval {k}" for k in range(args.eval_games)]
@@ -766,13 +772,12 @@ class Run:
 # ----------------------------------------------------------------------------------------
 # The training loop: (1) collect games, (2) critic steps, (3) actor steps after the warm-up,
 # (4) evaluate and checkpoint.
-# ----------------------------------------------------------------------------------------
 def collect_games(run, games):
     """(1) One game per slot with the current agent, sampled at the training temperature.
     Returns the Episodes, their sampled ids, and the iteration's first metrics."""
     draws = [run.rng.choice(run.secrets) if run.secrets else run.rng.randrange(2**31) for _ in games]
     run.policy.model.eval()
-    trajs, ids, logps = play(run.agent, games, draws, run.args.temperature, keep_ids=True)
+    trajs, ids, logps = play(run.agent, games, draws, run.args.temperature)
     run.env_steps += int(all_sum(torch.tensor(sum(len(t) for t in trajs))))  # every rank's games
     roll, lp = summarize(trajs), [x for t in logps for x in t]
     m = {"env_steps": run.env_steps, "train_return": roll["return"], "train_success": roll["success"],

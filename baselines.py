@@ -50,15 +50,14 @@ class FilteredBC:
         returns = run.extra.setdefault("returns", [])
         returns += [sum(tr[2] for tr in t) for t in trajs]
         run.extra["elite"] = elite(run.extra.get("elite", []) + list(trajs), returns=returns)
-        pairs = [(s, a) for d in run.extra["elite"] for (s, a, *_rest) in d]
-        losses = []
+        best, losses = run.extra["elite"], []
         run.policy.model.train()
-        for _ in range(run.args.actor_steps):
-            loss = archer.imitation_loss(run.policy, [pairs[run.rng.randrange(len(pairs))] for _ in range(run.args.batch_size)])
+        for _ in range(run.args.actor_steps):  # --batch-size // 4 dialogues a step, as in the warm start
+            loss = archer.imitation_loss(run.policy, [best[run.rng.randrange(len(best))] for _ in range(max(1, run.args.batch_size // 4))])
             run.skipped += not archer.clipped_step(run.actor_opt, run.policy.model.parameters(), loss, run.args.grad_clip)
             losses.append(loss.item())
         run.policy.model.eval()
-        return {"actor_loss": float(np.mean(losses)) if losses else None, "elite_transitions": len(pairs)}
+        return {"actor_loss": float(np.mean(losses)) if losses else None, "elite_transitions": sum(map(len, best))}
 
 
 # ---- token-level REINFORCE ----

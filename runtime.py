@@ -117,6 +117,26 @@ def load_checkpoint(path, args, algo: str, dev):
     return ck
 
 
+def open_run_dir(args, algo: str, ckpt_path: str, rank_path: str, n_ranks: int, dev):
+    """The checkpoint to continue (--resume) or evaluate (--eval-only), else None for a new run;
+    refuses in one line a missing checkpoint, a directory that already holds a run, and a
+    resume with another number of processes. Ranks > 0 add their own share (rank<R>.pt)."""
+    if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
+        flag = "--resume" if args.resume else "--eval-only"
+        fail(f"{flag}: no checkpoint at {ckpt_path}; train first (without {flag}) or point --out at a run")
+    if not (args.resume or args.eval_only):
+        if os.path.exists(ckpt_path):
+            fail(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
+        return None
+    ck = load_checkpoint(ckpt_path, args, algo, dev)
+    if not args.eval_only and ck.get("world", 1) != n_ranks:
+        fail(f"{ckpt_path} was trained by {ck.get('world', 1)} processes, not {n_ranks}: resume it with "
+             f"--nproc_per_node={ck.get('world', 1)} (each rank continues its own buffer and random states)")
+    if not args.eval_only and world()[0] > 0:
+        ck.update(torch.load(rank_path, map_location=dev, weights_only=False))
+    return ck
+
+
 def device_and_world(args):
     """Join torchrun's process group if launched by it; returns (rank, number of ranks, device).
     Ranks other than 0 are silenced: one voice prints and shows progress bars."""

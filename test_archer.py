@@ -387,10 +387,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if ckpt:
             model.activation_checkpointing_enable({"use_reentrant": False})
         pol = archer.Policy(model, tok, max_new_tokens=4)
-        loss = archer.imitation_loss(pol, [("Questions:\n", "Is it alive?"), ("Questions:\nIs it alive? No.\n", "Is it food?")])
+        loss = archer.imitation_loss(pol, [[("Questions:\n", "Is it alive?", -1.0, "Questions:\nIs it alive? No.\n", False),
+                                            ("Questions:\nIs it alive? No.\n", "Is it food?", -1.0, "Questions:\nIs it alive? No.\nIs it food? No.\n", False)]])
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_cloning_whole_dialogues_equals_cloning_every_turn_alone(policy):
+    """One teacher-forced pass per dialogue gives the per-token mean of -log pi(utterance + stop |
+    state) over every turn, each scored alone; a turn whose next state does not extend the state
+    (the second dialogue) is scored from its own state."""
+    game = envs.make_env("twentyq_subset", 0)
+    demos = envs.demonstrations(game, 4, 0)
+    odd = [("Say it.\n", "Is it a dog?", -1.0, "Something else.\n", False), ("Something else.\n", "Is it red?", -1.0, "x", True)]
+    num, den = 0.0, 0
+    for s, a, *_ in [tr for d in demos + [odd] for tr in d]:
+        pids, pmask = policy.encode([s])
+        enc = policy.tok([a + "\n"], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            num -= archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask).item()
+        den += enc.input_ids.numel()
+    with torch.no_grad():
+        assert archer.imitation_loss(policy, demos + [odd]).item() == pytest.approx(num / den, rel=1e-5)
 
 
 class FakeCritic(nn.Module):
