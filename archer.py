@@ -98,6 +98,7 @@ class Args:
     warmup_iters: int = field(default=10, metadata={"help": "iterations of critic-only training before the actor moves"})
     critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
     actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off)"})
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
@@ -215,8 +216,10 @@ class Policy:
         return texts, ids, torch.cat(logps) if logps else torch.zeros(0)
 
 
-def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0):
+def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0, ref=None):
     """sum_t log pi(a_t | s, a_<t) over each utterance's tokens, with gradient. Shape (B,).
+    With a reference model `ref`, also sum_t KL(pi || ref) of the next-token distributions along
+    the utterance (B,), the KL penalty's term (see actor_steps).
 
     prompt (B, P) left-padded, action (B, T) right-padded: [pad pad s1 s2 s3 | a1 a2 \\n pad].
     The logits at position i predict token i+1, so positions P-1 .. P+T-2 score the action.
@@ -232,17 +235,25 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
         logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
     logp = F.log_softmax(policy.scores(logits[:, :-1], temperature), -1)  # (B, T, V)
     tok_logp = logp.gather(-1, action_ids[..., None]).squeeze(-1)  # (B, T)
-    return torch.where(action_mask.bool(), tok_logp, torch.zeros_like(tok_logp)).sum(-1)
+    seq = torch.where(action_mask.bool(), tok_logp, torch.zeros_like(tok_logp)).sum(-1)
+    if ref is None:
+        return seq
+    with torch.no_grad(), policy.amp():
+        ref_logits = ref(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
+    ref_logp = F.log_softmax(policy.scores(ref_logits[:, :-1], temperature), -1)
+    banned = policy.banned.to(logp.device)  # -inf under both: zeroed, as -inf - -inf is NaN
+    kl = (logp.exp() * (logp.masked_fill(banned, 0.0) - ref_logp.masked_fill(banned, 0.0))).sum(-1)  # (B, T)
+    return seq, torch.where(action_mask.bool(), kl, torch.zeros_like(kl)).sum(-1)
 
 
-def utterance_logprobs(policy: Policy, states, ids, temperature: float):
+def utterance_logprobs(policy: Policy, states, ids, temperature: float, ref=None):
     """sequence_logprobs of utterances given as the token ids that were sampled (list of (T_i,)
     tensors, as Policy.generate returns them), so the gradient is on exactly what the policy
     did, never on a re-tokenized text. Shape (B,)."""
     pids, pmask = policy.encode(states)
     aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
     amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
-    return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature)
+    return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature, ref)
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,20 +517,25 @@ def critic_steps(run) -> dict:
 def actor_steps(run) -> dict:
     """--actor-steps policy-gradient steps: fresh utterances for buffer states, scored by the
     critic's advantage, pushed up or down by REINFORCE inside the utterance (token level)."""
-    args, policy, losses, advs = run.args, run.policy, [], []
+    args, policy, losses, advs, kls = run.args, run.policy, [], [], []
     for _ in range(args.actor_steps):
         states = run.buffer.sample(args.batch_size, run.rng)[0]
         texts, ids, _ = policy.generate(states, args.temperature)  # --gen-batch-size at a time
         adv = advantage(run.critic, states, texts)
         policy.model.train()
-        logp = utterance_logprobs(policy, states, ids, args.temperature)  # the ids sampled, at their temperature
-        loss = actor_loss(logp, adv)
+        # the ids sampled, scored at their temperature; with --kl-coef, also KL(pi || warm start)
+        if run.reference is None:
+            logp, kl = utterance_logprobs(policy, states, ids, args.temperature), torch.zeros(1)
+        else:
+            logp, kl = utterance_logprobs(policy, states, ids, args.temperature, run.reference)
+        loss = actor_loss(logp, adv) + args.kl_coef * kl.mean()
         run.skipped += not clipped_step(run.actor_opt, policy.model.parameters(), loss, args.grad_clip)
         policy.model.eval()
         losses.append(loss.item())
         advs.append(adv.mean().item())
+        kls.append(kl.mean().item())
     return {"actor_loss": float(np.mean(losses)) if losses else None,
-            "advantage_mean": float(np.mean(advs)) if advs else None}
+            "advantage_mean": float(np.mean(advs)) if advs else None, "kl": float(np.mean(kls)) if kls else None}
 
 
 class ArCHer:
@@ -650,6 +666,8 @@ def warm_start(run):
             run.critic.start_pessimistic(r_min * (1 - args.gamma ** turns if turns else 1) / (1 - args.gamma))
             run.target.load_state_dict(run.critic.state_dict())
         warm["bc_loss"] = behaviour_clone(run.policy, demos, args, run.rng)
+        if run.reference is not None:  # the KL penalty's anchor: the warm-started actor
+            run.reference.load_state_dict(run.policy.model.state_dict())
         demo = summarize(demos)
         warm.update(demo_return=demo["return"], demo_success=demo["success"])
         bc = "none" if warm["bc_loss"] is None else f"{warm['bc_loss']:.3f}"
@@ -711,6 +729,8 @@ class Run:
         for net in nets if args.grad_checkpointing else []:
             net.activation_checkpointing_enable({"use_reentrant": False})
         self.actor_opt = torch.optim.Adam([p for p in self.policy.model.parameters() if p.requires_grad], lr=args.actor_lr)
+        # --kl-coef: a frozen copy of the actor, set to the warm-started one after cloning
+        self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False) if args.kl_coef > 0 else None
         self.agent = rule.agent(self)
         os.makedirs(args.out, exist_ok=True)
         self.buffer, self.log, self.extra = ReplayBuffer(args.buffer_size), [], {}  # extra: a rule's own state
@@ -733,7 +753,7 @@ class Run:
     def models(self):
         """The networks and optimizers to checkpoint, by name (none for what the rule lacks)."""
         parts = {"actor": self.policy.model, "actor_opt": self.actor_opt, "critic": self.critic,
-                 "target": self.target, "critic_opt": self.critic_opt}
+                 "target": self.target, "critic_opt": self.critic_opt, "reference": self.reference}
         return {k: v for k, v in parts.items() if v is not None}
 
     def restore(self, ck):

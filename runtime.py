@@ -83,7 +83,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps",
-                 "gen_batch_size", "lora_rank"):
+                 "gen_batch_size", "lora_rank", "kl_coef"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} cannot be negative (got {getattr(args, name)})")
     for name in ("bc_lr", "critic_lr", "actor_lr", "grad_clip", "temperature"):

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import archer
 import baselines
@@ -392,6 +393,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_kl_to_the_reference_by_hand(policy):
+    """sum over the utterance's tokens of KL(pi || ref) of the next-token distributions at the
+    sampling temperature: 0 against itself, and the explicit sum against another model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    states = ["Questions:\n", "Questions:\nIs it alive? No.\n"]
+    texts, pids, pmask, gen, amask, _ = policy.sample(states, temperature=1.5)
+    torch.manual_seed(1)
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=len(policy.tok), n_layer=1, n_embd=32, n_head=2)).eval()
+    with torch.no_grad():
+        _, same = archer.sequence_logprobs(policy, pids, pmask, gen, amask, 1.5, ref=policy.model)
+        _, kl = archer.sequence_logprobs(policy, pids, pmask, gen, amask, 1.5, ref=other)
+        for b in range(len(states)):  # row by row, unpadded, positions from 0
+            n, ids = int(amask[b].sum()), torch.cat([pids[b][pmask[b].bool()], gen[b]])
+            ids = ids[: int(pmask[b].sum()) + n]
+            p, q = (F.log_softmax(policy.scores(m(ids[None]).logits[0], 1.5), -1)[-n - 1: -1] for m in (policy.model, other))
+            keep = ~policy.banned
+            assert kl[b].item() == pytest.approx((p.exp()[:, keep] * (p[:, keep] - q[:, keep])).sum().item(), rel=1e-4)
+    assert torch.allclose(same, torch.zeros(2), atol=1e-5) and (kl > 0).all()
 
 
 def test_cloning_whole_dialogues_equals_cloning_every_turn_alone(policy):
