@@ -2,32 +2,24 @@
 
 Implements Zhou, Zanette, Pan, Levine, Kumar, "ArCHer: Training Language Model Agents via
 Hierarchical Multi-Turn RL" (2024, arXiv 2402.19446). Two RL problems at two time scales:
-
   * utterance level: an off-policy double critic Q(s, a), V(s) over whole utterances, trained
     by temporal differences from a replay buffer (turns are the time steps: horizon ~20);
   * token level: the language model (the actor) trained by a policy gradient inside each
     utterance, with the critic's advantage A = min Q - min V as the utterance's reward.
 
-Read top to bottom (models.py builds or loads the models, envs.py holds the games,
-baselines.py the rules ArCHer is compared with): config -> token plumbing -> critic ->
-replay buffer -> rollouts -> the two losses -> ArCHer's critic and actor steps -> evaluation
--> warm start -> checkpoints -> the training loop.
+Read top to bottom: config -> token plumbing -> critic -> replay buffer -> rollouts -> the two
+losses -> ArCHer's critic and actor steps -> evaluation -> warm start -> checkpoints -> the loop
+(models.py builds the models, envs.py holds the games, baselines.py the rules compared with).
 
 Deliberate deviations from the paper and its reference code (each explained where it happens):
-  1. Log-probs are those of the token ids that were sampled, at the sampling temperature,
-     with position ids that follow left padding (the reference code re-tokenizes the decoded
-     text, ignores temperature and pads on the right).
+  1. Log-probs are of the sampled ids, at the sampling temperature, with left-padded positions (see Token plumbing).
   2. Losses are means, not sums over accumulation steps, so learning rates are per step.
   3. Advantages are normalized per batch (mean 0, std 1); raw ones made tiny actors collapse.
-  4. The critic reads the state followed by the utterance in one encoder pass and takes the
-     final token's hidden state, instead of embedding them separately and concatenating.
+  4. The critic encodes state + utterance in one pass and reads the final token's hidden state.
   5. The critic's heads start at a return below any the game can give (a pessimistic start).
-  6. The warm start is behaviour cloning on the game's scripted demonstrator (stands in for
-     the paper's SFT checkpoint), and its dialogues seed the replay buffer.
-  7. Evaluation is on a fixed set: every secret of the game once (the training games draw
-     from the same secrets, so it measures the policy, not generalization to unseen ones).
-  8. The built-in "tiny" models (2-layer, 64-wide GPT-2 and BERT) train on a laptop CPU; their
-     tokenizer learns each phrase of the game as one token, with a byte-level fallback.
+  6. The warm start (for the paper's SFT model) clones the game's scripted demonstrator; its dialogues seed the buffer.
+  7. Evaluation is on a fixed set, every secret once (training draws them too): the policy, not generalization.
+  8. The built-in "tiny" models (2-layer, 64-wide GPT-2 and BERT; a token per game phrase) train on a CPU.
 
 Quick start (CPU, no download):   python archer.py --env twentyq_subset
 Paper setting (GPU):              bash train_gpt2_twentyq.sh   (GPT-2 actor, roberta-base critic)
@@ -125,24 +117,18 @@ class Policy:
         # A token "ends the utterance" if its text contains the stop string ("\n", "\n\n", ".\n"...).
         texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (vocab - len(tok))
         self.stop = torch.tensor([stop in t for t in texts])
-        # Special tokens (pad, eos, bos...) and ids beyond the tokenizer are never sampled.
-        self.banned = torch.zeros(vocab, dtype=torch.bool)
-        self.banned[[i for i in tok.all_special_ids if i < vocab]] = True
-        self.banned[len(tok):] = True
-        # Leave room for the utterance inside the model's context window.
+        self.banned = torch.arange(vocab) >= len(tok)  # never sampled: ids beyond the tokenizer, and special tokens
+        self.banned[[i for i in tok.all_special_ids if i < vocab]] = True  # (pad, eos, bos...)
         ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-        self.max_prompt = ctx - max_new_tokens
+        self.max_prompt = ctx - max_new_tokens  # room for the utterance inside the context window
 
     def amp(self):
         """Autocast for a forward pass: bf16 matmuls, float32 weights and optimizer (--dtype)."""
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def scores(self, logits, temperature: float):
-        """Logits -> the scores actually sampled from: special tokens banned, then temperature.
-
-        The same function feeds sampling and the loss, so the loss's distribution is exactly
-        the sampler's. float32 so log_softmax is accurate even under bf16 weights.
-        """
+        """Logits -> the scores sampled from: special tokens banned, then temperature. Sampling and the
+        loss both use it, so the loss's distribution is the sampler's; float32 for an accurate log_softmax."""
         logits = logits.float().masked_fill(self.banned.to(logits.device), float("-inf"))
         return logits / max(temperature, 1e-6)
 
@@ -150,31 +136,23 @@ class Policy:
         """Left-padded prompt ids and mask, (B, P)."""
         enc = self.tok(list(states), return_tensors="pt", padding=True, truncation=True,
                        max_length=self.max_prompt, add_special_tokens=False)
-        dev = self.model.device
-        return enc.input_ids.to(dev), enc.attention_mask.to(dev)
+        return enc.input_ids.to(self.model.device), enc.attention_mask.to(self.model.device)
 
     @torch.no_grad()
     def sample(self, states, temperature: float = 1.0, greedy: bool = False):
-        """Sample one utterance per state with a key/value cache.
-
-        Returns (texts, prompt_ids (B, P), prompt_mask (B, P), action_ids (B, T), action_mask (B, T),
-        logp (B,)). action_ids are the sampled ids themselves, newline token included (it ends
-        the utterance and its probability is part of the action's); the text is cut before it.
-        logp is log pi(utterance | state) at `temperature`, a diagnostic: its mean over sampled
-        utterances estimates minus the policy's entropy per utterance.
-        """
+        """Sample one utterance per state with a key/value cache. Returns (texts, prompt_ids (B, P), prompt_mask
+        (B, P), action_ids (B, T), action_mask (B, T), logp (B,)): action_ids are the sampled ids, stop token
+        included (its probability is the action's too; texts are cut before it); logp = log pi(utterance | state)
+        at `temperature`, a diagnostic whose mean estimates minus the policy's entropy per utterance."""
         ids, mask = self.encode(states)
         B, dev = ids.shape[0], ids.device
-        # Under left padding the first real token must sit at position 0, not at the padding's
-        # length: positions count real tokens only.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only: left padding starts at 0
         with self.amp():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, logits, next_pos = out.cache, out.logits[:, -1], pos[:, -1:] + 1
         stop, pad = self.stop.to(dev), self.tok.pad_token_id
         gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
-        rows, attn = torch.arange(B, device=dev), mask  # rows: batch index of each row still writing
-        logp = torch.zeros(B, device=dev)
+        rows, attn, logp = torch.arange(B, device=dev), mask, torch.zeros(B, device=dev)  # rows: batch index of the live rows
         for t in range(self.max_new_tokens):
             s = self.scores(logits, temperature)
             nxt = s.argmax(-1) if greedy else torch.multinomial(F.softmax(s, -1), 1).squeeze(-1)
@@ -183,8 +161,7 @@ class Policy:
             keep = ~stop[nxt]
             if not keep.any():
                 break
-            if not keep.all():  # finished utterances leave the batch (and the cache) at once:
-                # one long utterance must not make every finished row pay for its extra steps
+            if not keep.all():  # finished rows leave the batch and cache: one long utterance must not slow them all
                 cache.batch_select_indices(keep.nonzero().squeeze(-1))
                 rows, nxt, attn, next_pos = rows[keep], nxt[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=dev)], 1)
@@ -193,19 +170,15 @@ class Policy:
                                  cache=cache, use_cache=True)
             cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
         gen = gen[:, : t + 1]
-        # Action mask: every token up to and including the first stop token (all of them if the
-        # utterance hit max_new_tokens without ending).
         is_stop = stop[gen] & (gen != pad)
-        ended_before = (is_stop.cumsum(-1) - is_stop.long()) > 0
-        amask = (~ended_before).long()
+        amask = ((is_stop.cumsum(-1) - is_stop.long()) == 0).long()  # action mask: up to and including the first stop
         texts = [self.tok.decode(g[m.bool()], skip_special_tokens=True).split(self.stop_text)[0].strip()
                  for g, m in zip(gen, amask)]
         return texts, ids, mask, gen, amask, logp
 
     def generate(self, states, temperature: float = 1.0, greedy: bool = False):
-        """Utterances for many states, --gen-batch-size at a time (generation memory grows with
-        the batch, independently of the training batch). Returns (texts, list of (T_i,) sampled
-        ids on the CPU, stop token included, and their log-probs (B,) on the CPU)."""
+        """Utterances for many states, --gen-batch-size at a time (it bounds generation memory).
+        Returns (texts, list of (T_i,) sampled ids, stop included, their log-probs (B,)), on the CPU."""
         n = self.gen_batch_size or len(states)
         texts, ids, logps = [], [], []
         for k in range(0, len(states), n):
@@ -217,19 +190,14 @@ class Policy:
 
 
 def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, action_mask, temperature=1.0, ref=None):
-    """sum_t log pi(a_t | s, a_<t) over each utterance's tokens, with gradient. Shape (B,).
-    With a reference model `ref`, also sum_t KL(pi || ref) of the next-token distributions along
-    the utterance (B,), the KL penalty's term (see actor_steps).
+    """sum_t log pi(a_t | s, a_<t) over each utterance's tokens, with gradient: (B,). With a reference model
+    `ref`, also the KL penalty's term (see actor_steps): sum_t KL(pi || ref) of the next-token distributions (B,).
 
     prompt (B, P) left-padded, action (B, T) right-padded: [pad pad s1 s2 s3 | a1 a2 \\n pad].
     The logits at position i predict token i+1, so positions P-1 .. P+T-2 score the action.
-    Prompt and padding are excluded by the mask; masked with `where`, not a product, because
-    a banned pad id has log-prob -inf and -inf * 0 is NaN.
-    """
-    ids = torch.cat([prompt_ids, action_ids], 1)
-    mask = torch.cat([prompt_mask, action_mask], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    T = action_ids.shape[1]
+    Masked with `where`, not a product: a banned pad id has log-prob -inf, and -inf * 0 is NaN."""
+    ids, mask = torch.cat([prompt_ids, action_ids], 1), torch.cat([prompt_mask, action_mask], 1)
+    pos, T = (mask.cumsum(-1) - 1).clamp(min=0), action_ids.shape[1]
     # Only the last T + 1 positions need the (vocabulary-sized) output layer.
     with policy.amp():
         logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
@@ -247,9 +215,8 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
 
 
 def utterance_logprobs(policy: Policy, states, ids, temperature: float, ref=None):
-    """sequence_logprobs of utterances given as the token ids that were sampled (list of (T_i,)
-    tensors, as Policy.generate returns them), so the gradient is on exactly what the policy
-    did, never on a re-tokenized text. Shape (B,)."""
+    """sequence_logprobs of the token ids that were sampled (list of (T_i,), as Policy.generate
+    gives them): the gradient is on exactly what the policy did, never on re-tokenized text. (B,)"""
     pids, pmask = policy.encode(states)
     aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
     amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
@@ -264,28 +231,18 @@ class Critic(nn.Module):
         self.encoder, self.tok, self.bf16 = encoder, tok, bf16
         self.max_len = min(max_len, tok.model_max_length, getattr(encoder.config, "max_position_embeddings", max_len))
         h = encoder.config.hidden_size  # head size from the encoder's config, never hard-coded
-
-        def head():
-            return nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
-
-        self.q1, self.q2, self.v1, self.v2 = head(), head(), head(), head()
+        self.q1, self.q2, self.v1, self.v2 = (nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)) for _ in range(4))
 
     @torch.no_grad()
     def start_pessimistic(self, value: float):
-        """Start every head at `value`, a return no worse than any the game can give. A fresh
-        critic says ~0 for everything, and 0 is optimistic when every reward is -1: the actor
-        would chase utterances the critic has never seen (gibberish) because their unfitted Q
-        beats the fitted ones. Started pessimistic, the unknown looks bad until data says otherwise."""
+        """Start every head at `value`, at or below any return the game gives: a fresh critic's ~0 is optimistic when
+        every reward is -1, and the actor would chase never-seen utterances (gibberish) whose unfitted Q beats the rest."""
         for h in (self.q1, self.q2, self.v1, self.v2):
             h[-1].bias.fill_(value)
 
     def embed(self, texts):
-        """The encoder's last hidden state at each text's final real token: (B, H).
-
-        The final token is the utterance's end in Q's input and the newest turn's end in V's:
-        it attends to the whole text, and unlike a mean over ~30 tokens it is not dominated
-        by the state when the utterance is 2 tokens of it.
-        """
+        """The encoder's last hidden state at each text's final real token, (B, H): the end of the utterance (Q)
+        or newest turn (V), it attends to the whole text, and unlike a mean is not swamped by a long state."""
         enc = self.tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_len)
         ids, mask = enc["input_ids"].to(self.encoder.device), enc["attention_mask"].to(self.encoder.device)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -294,9 +251,8 @@ class Critic(nn.Module):
         return hidden[torch.arange(len(last), device=last.device), last].float()  # heads run in float32
 
     def q(self, states, actions):
-        """Q1, Q2 (each (B,)). Deviation 4: one pass over the state followed by the utterance,
-        so attention can relate the question to the answers already in the dialogue (e.g. it
-        was asked before), which a tiny encoder learns much faster than from two pooled vectors."""
+        """Q1, Q2 (each (B,)). Deviation 4: one pass over state + utterance lets attention relate the
+        question to the dialogue (was it asked before?), learnt far faster than from two pooled vectors."""
         x = self.embed([s + a + "\n" for s, a in zip(states, actions)])
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
@@ -330,25 +286,21 @@ class ReplayBuffer:
         self.next = (self.next + 1) % self.capacity
 
     def add_games(self, trajs):
-        for traj in trajs:
-            for tr in traj:
-                self.add(tr)
+        for tr in [tr for traj in trajs for tr in traj]:
+            self.add(tr)
 
     def sample(self, n: int, rng: random.Random):
-        """n transitions drawn uniformly with replacement, as columns: states, actions,
-        rewards (n,), next_states, dones (n,)."""
-        batch = [self.data[rng.randrange(len(self.data))] for _ in range(n)]
-        s, a, r, s2, d = zip(*batch)
+        """n transitions, uniform with replacement, as columns: states, actions, rewards (n,), next_states, dones (n,)."""
+        s, a, r, s2, d = zip(*[self.data[rng.randrange(len(self.data))] for _ in range(n)])
         return list(s), list(a), torch.tensor(r, dtype=torch.float32), list(s2), torch.tensor(d, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
 def play(agent, games, draws, temperature=1.0, greedy=False):
-    """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or
-    anything with its generate()). Returns, per game, an envs.Episode of transitions (state,
-    utterance, reward, next_state, done), the sampled ids of its utterances ((T_i,) tensors,
-    stop included) and their log-probs."""
+    """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or anything
+    with its generate()). Returns per game an envs.Episode of transitions (state, utterance, reward,
+    next_state, done), its utterances' sampled ids ((T_i,), stop included) and their log-probs."""
     states = envs.reset_all(games, draws)
     trajs, ids, logps = [envs.Episode() for _ in games], [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
@@ -392,16 +344,14 @@ def repeat_share(trajs):
 
 
 def explained_variance(pred, target):
-    """1 - Var(G - Q) / Var(G), as CleanRL logs for its value function: 1 is a perfect fit, 0
-    is no better than a constant, below 0 worse than one."""
+    """1 - Var(G - Q) / Var(G), as CleanRL logs it: 1 is a perfect fit, 0 no better than a constant, < 0 worse."""
     var = target.var()
     return float(1 - (target - pred).var() / var) if len(target) > 1 and var > 0 else float("nan")
 
 
 @torch.no_grad()
 def critic_fit(critic, trajs, gamma: float, batch_size: int):
-    """The critic's explained variance of the Monte Carlo returns of these games: min(Q1, Q2)
-    of each (state, utterance) played against the discounted return that followed it."""
+    """Explained variance of these games' Monte Carlo returns by min(Q1, Q2) of each (state, utterance) played."""
     pairs = [(tr[0], tr[1]) for t in trajs for tr in t]
     g = torch.tensor([x for t in trajs for x in returns_to_go([tr[2] for tr in t], gamma)])
     q = torch.cat([torch.minimum(*critic.q(*zip(*pairs[k: k + batch_size]))).cpu()
@@ -416,14 +366,11 @@ def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: flo
 
     Q_i(s, a)  -> r + gamma * (1 - done) * Vbar_i(s')          (Vbar: the target critic)
     V_i(s)     -> min(Qbar_1, Qbar_2)(s, a~),  a~ ~ pi(.|s) sampled fresh
-    Q head i regresses on target V head i (as the reference code), which keeps the two
-    Q heads independent estimates; V regresses on the min of the target Qs (clipped double Q)
-    because V feeds the actor's advantage, and an overestimated Q is what a policy gradient
-    exploits. V's target uses a fresh action so V tracks the current policy, not the
-    behaviour policy that filled the buffer. A game that hits its 20-turn limit counts as
-    terminal (done = 1), as in the original: a simplification, since the state does not
-    say how many turns are left to a critic that cannot count lines.
-    """
+    Q head i regresses on target V head i (as the reference code): the Q heads stay independent estimates.
+    V regresses on the min of the target Qs (clipped double Q): V feeds the actor's advantage, and a policy
+    gradient exploits any overestimated Q. The fresh a~ makes V track the current policy, not the behaviour
+    policy that filled the buffer. A game cut at its 20-turn limit counts as terminal (done = 1), as in the
+    original: a simplification, as the state does not show a critic how many turns are left."""
     s, a, r, s2, d = batch
     dev = next(critic.parameters()).device
     r, d = r.to(dev), d.to(dev)
@@ -435,8 +382,7 @@ def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: flo
     q1, q2 = critic.q(s, a)
     v1, v2 = critic.v(s)
     loss = F.mse_loss(q1, y1) + F.mse_loss(q2, y2) + F.mse_loss(v1, yv) + F.mse_loss(v2, yv)
-    stats = {"q_mean": torch.minimum(q1, q2).mean().item(), "v_mean": torch.minimum(v1, v2).mean().item()}
-    return loss, stats
+    return loss, {"q_mean": torch.minimum(q1, q2).mean().item(), "v_mean": torch.minimum(v1, v2).mean().item()}
 
 
 def advantage(critic: Critic, states, actions):
@@ -448,14 +394,10 @@ def advantage(critic: Critic, states, actions):
 
 
 def actor_loss(logp, adv):
-    """-mean(A_norm * sum_t log pi(a_t | ...)): REINFORCE inside the utterance, with the critic's
-    advantage as its terminal reward. No PPO ratio or clipping: the actions are sampled fresh
-    from the current policy for every step, so the gradient is on-policy.
-
-    Deviation 3: A is normalized per batch. The raw advantage of an uncalibrated critic is
-    small and biased; its scale would set the effective step size, and a too-large step makes
-    a small actor collapse into utterances the game does not understand.
-    """
+    """-mean(A_norm * sum_t log pi(a_t | ...)): REINFORCE inside the utterance, the critic's advantage as its
+    terminal reward. No PPO ratio or clipping: every step samples fresh actions from the current policy, so the
+    gradient is on-policy. Deviation 3: A is normalized per batch; an uncalibrated critic's raw advantage is
+    small and biased, and a too-large step makes a small actor collapse into utterances the game rejects."""
     if dist.is_initialized():  # normalize over the global batch, every rank's share
         n, s, ss = all_sum(torch.stack([adv.new_tensor(float(adv.numel())), adv.sum(), adv.pow(2).sum()]))
         mean = s / n
@@ -466,18 +408,16 @@ def actor_loss(logp, adv):
 
 
 def clipped_step(opt, params, loss, max_norm: float) -> bool:
-    """One optimizer step on this network's parameters only (fresh gradients, clipped).
-
-    A non-finite loss or gradient norm skips the step (returns False, with a warning): one NaN
-    let through would turn every weight, and the optimizer's moments, into NaN for good."""
+    """One optimizer step on this network's parameters only (fresh gradients, clipped). A non-finite loss or
+    gradient norm skips it (returns False, warns): one NaN let through would make every weight NaN for good."""
     params = [p for p in params if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
     if finite:
         loss.backward()
     if dist.is_initialized():
-        # One all-reduce of the flattened gradients, averaged: every replica takes the same step.
-        # A rank whose loss is not finite sends NaN, so that every rank skips the step together.
+        # One all-reduce of the flattened gradients, averaged: every replica takes the same step; a rank
+        # whose loss is not finite sends NaN, so every rank skips the step together.
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         flat = all_sum(flat if finite else flat.fill_(float("nan"))) / world()[1]
         for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -494,53 +434,41 @@ def clipped_step(opt, params, loss, max_norm: float) -> bool:
 # ----------------------------------------------------------------------------------------
 # ArCHer's learning, one iteration: what train() does with the games it just played.
 def critic_steps(run) -> dict:
-    """--critic-steps TD steps on replay-buffer batches, each followed by the target's Polyak step.
-
-    The fresh on-policy actions a~ for every V target of this iteration are sampled up front
-    (the policy does not change during critic steps), one batch at a time: all of them at
-    once would hold a key/value cache for critic_steps x batch_size prompts."""
-    args, losses, stats = run.args, [], []
+    """--critic-steps TD steps on replay-buffer batches, each followed by the target's Polyak step. The fresh
+    actions a~ of the V targets are sampled up front (the policy does not change during critic steps), a
+    batch at a time: all at once would hold a key/value cache for critic_steps x batch_size prompts."""
+    args, stats = run.args, []
     batches = [run.buffer.sample(args.batch_size, run.rng) for _ in range(args.critic_steps)]
     fresh = [run.agent.generate(b[0], args.temperature)[0] for b in batches]
     for batch, a_fresh in zip(batches, fresh):
         loss, st = critic_loss(run.critic, run.target, batch, a_fresh, args.gamma)
         run.skipped += not clipped_step(run.critic_opt, run.critic.parameters(), loss, args.grad_clip)
         polyak(run.target, run.critic, args.tau)
-        losses.append(loss.item())
-        stats.append(st)
-    if not losses:
-        return {}
-    return {"critic_loss": float(np.mean(losses)), "q_mean": float(np.mean([s["q_mean"] for s in stats])),
-            "v_mean": float(np.mean([s["v_mean"] for s in stats]))}
+        stats.append({"critic_loss": loss.item(), **st})
+    return {k: float(np.mean([s[k] for s in stats])) for k in ("critic_loss", "q_mean", "v_mean")} if stats else {}
 
 
 def actor_steps(run) -> dict:
     """--actor-steps policy-gradient steps: fresh utterances for buffer states, scored by the
     critic's advantage, pushed up or down by REINFORCE inside the utterance (token level)."""
-    args, policy, losses, advs, kls = run.args, run.policy, [], [], []
+    args, policy, stats = run.args, run.policy, []
     for _ in range(args.actor_steps):
         states = run.buffer.sample(args.batch_size, run.rng)[0]
         texts, ids, _ = policy.generate(states, args.temperature)  # --gen-batch-size at a time
         adv = advantage(run.critic, states, texts)
         policy.model.train()
         # the ids sampled, scored at their temperature; with --kl-coef, also KL(pi || warm start)
-        if run.reference is None:
-            logp, kl = utterance_logprobs(policy, states, ids, args.temperature), torch.zeros(1)
-        else:
-            logp, kl = utterance_logprobs(policy, states, ids, args.temperature, run.reference)
+        out = utterance_logprobs(policy, states, ids, args.temperature, run.reference)
+        logp, kl = (out, torch.zeros(1)) if run.reference is None else out
         loss = actor_loss(logp, adv) + args.kl_coef * kl.mean()
         run.skipped += not clipped_step(run.actor_opt, policy.model.parameters(), loss, args.grad_clip)
         policy.model.eval()
-        losses.append(loss.item())
-        advs.append(adv.mean().item())
-        kls.append(kl.mean().item())
-    return {"actor_loss": float(np.mean(losses)) if losses else None,
-            "advantage_mean": float(np.mean(advs)) if advs else None, "kl": float(np.mean(kls)) if kls else None}
+        stats.append({"actor_loss": loss.item(), "advantage_mean": adv.mean().item(), "kl": kl.mean().item()})
+    return {k: float(np.mean([s[k] for s in stats])) if stats else None for k in ("actor_loss", "advantage_mean", "kl")}
 
 
 class ArCHer:
-    """The learning rule train() runs by default. baselines.py's rules have the same parts:
-    whether a critic is built, which agent plays the games, and update()."""
+    """The rule train() runs by default; baselines.py's have the same parts: uses_critic, agent() and update()."""
     name, uses_critic = "archer", True
 
     def agent(self, run):
@@ -559,13 +487,10 @@ class ArCHer:
 
 
 # ----------------------------------------------------------------------------------------
-# Evaluation on the fixed evaluation set: every secret of the game once. The training games
-# draw from the same secrets, so this measures the policy, not generalization to new ones.
+# Evaluation on the fixed evaluation set (deviation 7): the policy, not generalization to new secrets.
 def evaluate(agent, games, draws, seed: int, temperature: float):
-    """Greedy and sampled play of the evaluation draws (every secret once, or --eval-games seeds).
-    Both use their own seeded random state, restored afterwards on the CPU and every GPU, so
-    that evaluating does not change the training run's random stream. Returns (metrics, the
-    greedy Episodes)."""
+    """Greedy and sampled play of the evaluation draws (every secret once, or --eval-games seeds) under their own
+    seeded random state, restored after, so the training stream is untouched. Returns (metrics, greedy Episodes)."""
     rank, n = world()
     games, draws = games[rank::n], draws[rank::n]  # each rank plays its share; summarize adds them up
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
@@ -593,12 +518,10 @@ def evaluate_only(run):
 # ----------------------------------------------------------------------------------------
 # Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
 def imitation_loss(policy: Policy, dialogues):
-    """-log pi(utterance + stop | state) per agent token, averaged, over every turn of whole
-    dialogues in one forward pass each (teacher forcing): a dialogue's text is the state of its
-    last turn, and every earlier state is a prefix of it, so one pass scores every turn for the
-    cost of the last. Answers get no loss; the position after an utterance's last token is
-    scored on the stop token, which the agent wrote there. A turn whose next state does not
-    extend the state by the utterance starts a new sequence (any game stays clonable)."""
+    """-log pi(utterance + stop | state) per agent token, averaged, over every turn of whole dialogues, one
+    teacher-forced pass each: every earlier state is a prefix of the last, so one pass scores every turn for
+    the cost of the last. Answers get no loss; the position after an utterance is scored on its stop token. A
+    turn whose next state does not extend state + utterance starts a new sequence (any game stays clonable)."""
     enc = lambda text: policy.tok(text, add_special_tokens=False).input_ids
     stop, seqs = enc(policy.stop_text)[-1], []
     for d in dialogues:
@@ -630,17 +553,14 @@ def imitation_loss(policy: Policy, dialogues):
 
 
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
-    """Maximize log pi(utterance + stop string | state) on demonstrator dialogues, --batch-size
-    // 4 dialogues a step (about as many turns as a batch of transitions, or more); returns the
-    last step's loss (None for --bc-steps 0)."""
+    """Maximize log pi(utterance + stop string | state) on demonstrator dialogues, --batch-size // 4
+    a step (about a transition batch's turns, or more); returns the last loss (None for --bc-steps 0)."""
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
     policy.model.train()
-    loss = None
-    bar = tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
+    loss, bar = None, tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
     for step in bar:
         loss = imitation_loss(policy, [demos[rng.randrange(len(demos))] for _ in range(max(1, args.batch_size // 4))])
-        # A short linear warm-up then cosine decay: from-scratch tiny models need the large lr
-        # early and a small one late to settle on the state-dependent choices.
+        # Linear warm-up, then cosine decay: from-scratch tiny models need a large lr early, a small one late.
         for g in opt.param_groups:
             g["lr"] = args.bc_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.bc_steps))
         clipped_step(opt, policy.model.parameters(), loss, args.grad_clip)
@@ -650,18 +570,16 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
 
 
 def warm_start(run):
-    """Clone the demonstrator and seed the replay buffer with its dialogues (the critic's first
-    targets then come from real, if suboptimal, play); evaluate; checkpoint, so that an
-    interrupted run resumes after the warm start, not before it."""
+    """Clone the demonstrator and seed the buffer with its dialogues (the critic's first targets come
+    from real, if suboptimal, play); evaluate; checkpoint, so a stopped run resumes after the warm start."""
     args, t0 = run.args, time.time()
     demos = envs.demonstrations(run.fresh(args.seed + 1), args.bc_games, args.seed + 1)
     warm = {"iteration": -1, "env_steps": 0}
     if demos:
         if run.critic is not None:
             run.buffer.add_games(demos)
-            # Deviation 5, the pessimistic start: the worst reward on every turn of the longest
-            # game, sum_t gamma^t r_min (-12.8 at 20 turns, gamma 0.95; r_min / (1 - gamma) = -20
-            # for a game of unknown length).
+            # Deviation 5, the pessimistic start: sum_t gamma^t r_min over the longest game (-12.8 at 20
+            # turns, gamma 0.95; r_min / (1 - gamma) = -20 for a game of unknown length).
             r_min, turns = min(min(tr[2] for t in demos for tr in t), 0.0), getattr(run.game, "max_turns", None)
             run.critic.start_pessimistic(r_min * (1 - args.gamma ** turns if turns else 1) / (1 - args.gamma))
             run.target.load_state_dict(run.critic.state_dict())
@@ -686,9 +604,8 @@ def warm_start(run):
 # ----------------------------------------------------------------------------------------
 # The run: models, optimizers, replay buffer and log, and the checkpoint that holds them all.
 class Run:
-    """Everything a training run holds: the game and its fixed evaluation set, the models and
-    optimizers, the replay buffer, the random streams and the log. Built from the flags (and
-    restored from <out>/checkpoint.pt with --resume or --eval-only)."""
+    """Everything a training run holds: the game and its fixed evaluation set, the models and optimizers, the
+    buffer, the random streams and the log; built from the flags, restored with --resume or --eval-only."""
 
     def __init__(self, args: Args, game, rule):
         check_args(args)
@@ -707,7 +624,6 @@ class Run:
         self.secrets = list(getattr(self.game, "secrets", []))
         self.eval_draws = self.secrets or [f"eval {k}" for k in range(args.eval_games)]
         self.eval_games = [copy.deepcopy(self.game) for _ in self.eval_draws]  # the draws set each game: copies will do
-        # bf16 autocast: matmuls in bfloat16, weights, optimizer states and losses in float32.
         bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
         try:
             model, tok = load_actor(args.model, self.game)
@@ -722,8 +638,7 @@ class Run:
         self.critic = self.target = self.critic_opt = None  # a rule without a critic builds none
         if rule.uses_critic:
             self.critic = Critic(encoder, ctok, bf16=bf16).to(dev).train()  # train mode: no dropout, but checkpointing
-            self.target = copy.deepcopy(self.critic).eval()  # the only model copy: the critic's target
-            self.target.requires_grad_(False)
+            self.target = copy.deepcopy(self.critic).eval().requires_grad_(False)  # the critic's target
             self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
             nets.append(self.critic.encoder)
         for net in nets if args.grad_checkpointing else []:
@@ -790,11 +705,9 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------
-# The training loop: (1) collect games, (2) critic steps, (3) actor steps after the warm-up,
-# (4) evaluate and checkpoint.
+# The training loop: (1) collect games, (2) critic steps, (3) actor steps after the warm-up, (4) evaluate, save.
 def collect_games(run, games):
-    """(1) One game per slot with the current agent, sampled at the training temperature.
-    Returns the Episodes, their sampled ids, and the iteration's first metrics."""
+    """(1) One game per slot with the current agent at the training temperature: (Episodes, sampled ids, metrics)."""
     draws = [run.rng.choice(run.secrets) if run.secrets else run.rng.randrange(2**31) for _ in games]
     run.policy.model.eval()
     trajs, ids, logps = play(run.agent, games, draws, run.args.temperature)
@@ -810,8 +723,7 @@ def collect_games(run, games):
 
 
 def end_iteration(run, it: int, m: dict, t0: float) -> bool:
-    """(4) Evaluate every --eval-every iterations and at the end; log, print, checkpoint.
-    Returns True when the run is over (last iteration, step budget spent)."""
+    """(4) Evaluate every --eval-every iterations and at the end; log, print; True once the run is over."""
     args = run.args
     last = it == args.iterations - 1 or 0 < args.max_env_steps <= run.env_steps
     if (it + 1) % args.eval_every == 0 or last:
@@ -830,19 +742,15 @@ def end_iteration(run, it: int, m: dict, t0: float) -> bool:
         line += f" | critic {m['critic_loss']:.3f} fit {m['critic_fit']:5.2f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
     if "eval_success" in m:
         line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
-    gpu = f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""
-    tqdm.write(line + f" | {m['seconds']:.1f}s{gpu}")
+    tqdm.write(line + f" | {m['seconds']:.1f}s" + (f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""))
     return last
 
 
 def train(args: Args, game=None, rule=None):
-    """Warm start, then iterations of `rule` (ArCHer unless baselines.py passes another) on
-    args.env, or on `game` if given (any object that follows the protocol in envs.py; args.env
-    then only names it in the checkpoint). Returns (policy, critic, list of metric dicts, one
-    per iteration). The command line is this with parse_args():
-    `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
-    rule = rule or ArCHer()
-    run = Run(args, game, rule)
+    """Warm start, then iterations of `rule` (ArCHer unless baselines.py passes another) on args.env, or on `game`
+    (any object following envs.py's protocol; args.env then only names it in the checkpoint). Returns (policy,
+    critic, metric dicts, one per iteration). From Python: `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
+    run = Run(args, game, rule or ArCHer())
     if args.eval_only:
         return evaluate_only(run)
     if args.resume:  # the metrics file may hold iterations past the checkpoint: rewrite it from the log
@@ -852,11 +760,11 @@ def train(args: Args, game=None, rule=None):
     games = [run.fresh(args.seed * 1000 + i) for i in range(args.games)]
     end = run.start_it if 0 < args.max_env_steps <= run.env_steps else args.iterations  # a resumed run may be done
     with stop_signals() as stop:  # Ctrl-C / SIGTERM: finish the iteration, checkpoint, stop
-        for it in tqdm(range(run.start_it, end), desc=rule.name, initial=run.start_it, total=args.iterations,
+        for it in tqdm(range(run.start_it, end), desc=run.rule.name, initial=run.start_it, total=args.iterations,
                        disable=run.rank > 0):
             t0 = time.time()
             trajs, ids, m = collect_games(run, games)  # 1. play with the current policy
-            m = {"iteration": it, **m, **rule.update(run, it, trajs, ids)}  # 2.-3. ArCHer.update: critic, then actor
+            m = {"iteration": it, **m, **run.rule.update(run, it, trajs, ids)}  # 2.-3. ArCHer.update: critic, then actor
             last = end_iteration(run, it, m, t0)  # 4. evaluate, log
             if run.n_ranks > 1 and int(all_sum(torch.tensor(len(stop)))) and not stop:
                 stop.append(signal.SIGTERM)  # a signal reached another rank: all stop after this iteration
@@ -870,10 +778,9 @@ def train(args: Args, game=None, rule=None):
         print(f"stopped by signal {stop[0]} after iteration {it}; checkpoint saved: continue with --resume")
     final = next((m for m in reversed(run.log) if "eval_success" in m), {})
     if final:
-        print(f"final evaluation ({args.env if game is None else type(game).__name__}, {len(run.eval_draws)} evaluation "
-              f"games): greedy success {final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns "
-              f"{final['eval_turns']:.1f}; sampled success {final['eval_sampled_success']:.0%}, return "
-              f"{final['eval_sampled_return']:.2f}")
+        print(f"final evaluation ({args.env if game is None else type(game).__name__}, {len(run.eval_draws)} evaluation games):"
+              f" greedy success {final['eval_success']:.0%}, return {final['eval_return']:.2f}, turns {final['eval_turns']:.1f};"
+              f" sampled success {final['eval_sampled_success']:.0%}, return {final['eval_sampled_return']:.2f}")
     return run.policy, run.critic, run.log
 
 
