@@ -20,6 +20,9 @@ Deliberate deviations from the paper and its reference code (each explained wher
   6. The warm start (for the paper's SFT model) clones the game's scripted demonstrator; its dialogues seed the buffer.
   7. Evaluation is on a fixed set, every secret once (training draws them too): the policy, not generalization.
   8. The built-in "tiny" models (2-layer, 64-wide GPT-2 and BERT; a token per game phrase) train on a CPU.
+  9. The actor loss adds --kl-coef x KL(actor || warm-started actor): without it the stop token after a
+     question loses probability under noisy advantages and utterances run on into invalid text (a collapse).
+  10. Behaviour cloning scores whole dialogues in one pass each (teacher forcing), every turn for the cost of one.
 
 Quick start (CPU, no download):   python archer.py --env twentyq_subset
 Paper setting (GPU):              bash train_gpt2_twentyq.sh   (GPT-2 actor, roberta-base critic)
@@ -90,7 +93,7 @@ class Args:
     warmup_iters: int = field(default=10, metadata={"help": "iterations of critic-only training before the actor moves"})
     critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
     actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off)"})
+    kl_coef: float = field(default=1.0, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off; deviation 9)"})
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
@@ -468,8 +471,9 @@ def actor_steps(run) -> dict:
 
 
 class ArCHer:
-    """The rule train() runs by default; baselines.py's have the same parts: uses_critic, agent() and update()."""
-    name, uses_critic = "archer", True
+    """The rule train() runs by default; baselines.py's have the same parts: uses_critic, uses_kl
+    (a policy gradient with --kl-coef's penalty), agent() and update()."""
+    name, uses_critic, uses_kl = "archer", True, True
 
     def agent(self, run):
         """What plays the games and samples the fresh actions: ArCHer's actor itself."""
@@ -645,7 +649,7 @@ class Run:
             net.activation_checkpointing_enable({"use_reentrant": False})
         self.actor_opt = torch.optim.Adam([p for p in self.policy.model.parameters() if p.requires_grad], lr=args.actor_lr)
         # --kl-coef: a frozen copy of the actor, set to the warm-started one after cloning
-        self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False) if args.kl_coef > 0 else None
+        self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False) if args.kl_coef > 0 and rule.uses_kl else None
         self.agent = rule.agent(self)
         os.makedirs(args.out, exist_ok=True)
         self.buffer, self.log, self.extra = ReplayBuffer(args.buffer_size), [], {}  # extra: a rule's own state

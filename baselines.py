@@ -41,7 +41,7 @@ class FilteredBC:
     """Clone the top 10% of every game played so far. Only that elite and the returns of all
     games (a float per game) are kept, not every dialogue: a game that falls below the cut is
     dropped for good, even if a later, lower cut would have let it back in."""
-    name, uses_critic = "filtered_bc", False
+    name, uses_critic, uses_kl = "filtered_bc", False, False
 
     def agent(self, run):
         return run.policy
@@ -64,7 +64,7 @@ class FilteredBC:
 class Reinforce:
     """Every transition of this iteration once, split into --actor-steps batches, each utterance's
     log-prob weighted by its Monte Carlo return-to-go (normalized: the mean is the baseline)."""
-    name, uses_critic = "reinforce", False
+    name, uses_critic, uses_kl = "reinforce", False, True
 
     def agent(self, run):
         return run.policy
@@ -80,8 +80,9 @@ class Reinforce:
             part = flat[k::args.actor_steps]
             if not part:
                 continue
-            logp = archer.utterance_logprobs(run.policy, [p[0] for p in part], [p[1] for p in part], args.temperature)
-            loss = archer.actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device))
+            out = archer.utterance_logprobs(run.policy, [p[0] for p in part], [p[1] for p in part], args.temperature, run.reference)
+            logp, kl = (out, torch.zeros(1)) if run.reference is None else out  # the same KL penalty as ArCHer's actor
+            loss = archer.actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device)) + args.kl_coef * kl.mean()
             run.skipped += not archer.clipped_step(run.actor_opt, run.policy.model.parameters(), loss, args.grad_clip)
             losses.append(loss.item())
         run.policy.model.eval()
@@ -112,7 +113,7 @@ class ChaiAgent:
 class Chai(archer.ArCHer):
     """ArCHer's critic, trained exactly as ArCHer trains it (its fresh actions are the CHAI
     agent's own, the policy it evaluates); the actor never moves."""
-    name = "chai"
+    name, uses_kl = "chai", False
 
     def __init__(self, k: int = 5):
         self.k = k
