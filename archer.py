@@ -93,7 +93,7 @@ class Args:
     warmup_iters: int = field(default=10, metadata={"help": "iterations of critic-only training before the actor moves"})
     critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
     actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
-    kl_coef: float = field(default=1.0, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off; deviation 9)"})
+    kl_coef: float = field(default=0.5, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off; deviation 9)"})
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
