@@ -449,6 +449,28 @@ class FakeCritic(nn.Module):
         return tuple(torch.tensor(x) + 0 * self.dummy for x in self.vv)
 
 
+def test_diagnostics_by_hand():
+    tr = lambda a, r=-1.0: ("s", a, r, "s2", False)
+    games = [[tr("q1"), tr("q2"), tr("q1"), tr("q1"), tr("g", 0.0)], [tr("q2"), tr("q3")]]
+    assert archer.repeat_share(games) == pytest.approx(2 / 7)  # the 3rd and 4th "q1" of the first game
+    g, q = torch.tensor([-3.0, -2.0, -1.0, 0.0]), torch.tensor([-2.5, -2.5, -0.5, -0.5])
+    # 1 - Var(G - Q) / Var(G) with G - Q = [-0.5, 0.5, -0.5, 0.5]: Var 1/3 against Var(G) 5/3
+    assert archer.explained_variance(q, g) == pytest.approx(1 - (1 / 3) / (5 / 3))
+    assert archer.explained_variance(g, g) == pytest.approx(1.0) and math.isnan(archer.explained_variance(q, g * 0))
+
+    class ByAction(nn.Module):  # Q1 = Q2 = a number written in the utterance
+        def q(self, states, actions):
+            x = torch.tensor([float(a) for a in actions])
+            return x, x + 1
+
+    # returns to go at gamma 0.5: [-1 + 0.5 * -1, -1] = [-1.5, -1] and [0]; Q = [-1.5, -1, 0] fits them exactly
+    games = [[("s", "-1.5", -1.0, "", False), ("s", "-1", -1.0, "", True)], [("s", "0", 0.0, "", True)]]
+    assert archer.critic_fit(ByAction(), games, 0.5, batch_size=2) == pytest.approx(1.0)
+    games[1][0] = ("s", "-3", 0.0, "", True)  # a Q of -3 where the return was 0
+    g, q = torch.tensor([-1.5, -1.0, 0.0]), torch.tensor([-1.5, -1.0, -3.0])
+    assert archer.critic_fit(ByAction(), games, 0.5, batch_size=2) == pytest.approx(archer.explained_variance(q, g))
+
+
 def test_td_targets_by_hand():
     online = FakeCritic(q=([-1.0, -2.0], [-1.5, -1.0]), v=([-3.0, -1.0], [-2.0, -2.0]))
     target = FakeCritic(q=([-2.0, -4.0], [-3.0, -1.0]), v=([-5.0, -6.0], [-4.0, -7.0]))
@@ -1004,15 +1026,20 @@ def test_a_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     assert [m["skipped_updates"] for m in log[1:]] == [1, 0]
     assert all(torch.isfinite(p).all() for p in critic.parameters())
 
-def test_archer_learns_on_the_subset(tmp_path):
-    """Seeded, the quick start's own budget (~4 minutes): after the critic's warm-up the policy's
-    games get clearly better. The warm-up iterations (critic only, actor frozen) play the
-    warm-started policy on 320 training games; the last ten iterations play the trained one on as
-    many. Held-out greedy success is not asserted: it stays near the warm start (README)."""
-    args = archer.Args(env="twentyq_subset", seed=1, out=str(tmp_path), device="cpu", bc_steps=600)
+def test_archer_learns_on_the_subset_without_collapsing(tmp_path):
+    """Seeded, the quick start's defaults: no collapse (at most 5% invalid utterances in every
+    iteration, and the sampled utterance's log-prob stays near the warm start's instead of running
+    away), and after the critic's warm-up the policy's games get clearly better. The warm-up
+    iterations (critic only, actor frozen) play the warm-started policy on 320 training games; the
+    last ten iterations play the trained one on as many. Greedy success on the fixed evaluation set
+    is not asserted: it moves little (docs/results.md)."""
+    args = archer.Args(env="twentyq_subset", seed=1, out=str(tmp_path), device="cpu")
     log = archer.train(args)[2]
-    warm = [m["train_return"] for m in log if 0 <= m["iteration"] < args.warmup_iters]
-    last = [m["train_return"] for m in log[-10:]]
+    its = [m for m in log if m["iteration"] >= 0]
+    assert max(m["invalid"] for m in its) <= 0.05, [round(m["invalid"], 3) for m in its]
+    assert min(m["logp"] for m in its) >= 2 * its[0]["logp"], [round(m["logp"], 2) for m in its]
+    warm = [m["train_return"] for m in its[: args.warmup_iters]]
+    last = [m["train_return"] for m in its[-10:]]
     assert len(warm) == len(last) == 10
     assert sum(last) / 10 >= sum(warm) / 10 + 2.5, (warm, last)
 
