@@ -180,6 +180,32 @@ def plot(game, logs, args):
     print(f"wrote {path}")
 
 
+def plot_curves(run, path):
+    """One run's health at a glance: the training games' return and invalid share, the critic's fit
+    to their Monte Carlo returns, and the sampled utterance's log-prob, per iteration."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: --curves draws with matplotlib: pip install matplotlib")
+    rows = iterations(read_log(run))
+    if not rows:
+        sys.exit(f"error: {run} holds no iterations (no metrics.jsonl rows past the warm start)")
+    its = [m["iteration"] for m in rows]
+    start = next((m["iteration"] for m in rows if m.get("actor_loss") is not None), None)
+    panels = [("train_return", "training games' return"), ("invalid", "invalid utterances (share)"),
+              ("critic_fit", "critic's explained variance"), ("logp", "log-prob of a sampled utterance")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(its, [m.get(key) if m.get(key) is not None else float("nan") for m in rows])
+        if start is not None:
+            ax.axvline(start - 0.5, color="gray", ls=":")  # the actor's first step
+        ax.set(xlabel="iteration", title=title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -190,7 +216,10 @@ def main(argv=None):
     p.add_argument("--env-steps", type=int, default=25000, help="budget of environment steps per run")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations on the fixed set")
     p.add_argument("--out", default="runs/benchmark", help="one directory per run below it; table and plots here")
+    p.add_argument("--curves", metavar="RUN_DIR", help="only plot one run's diagnostics to RUN_DIR/curves.png")
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.curves:
+        return plot_curves(args.curves, os.path.join(args.curves, "curves.png"))
     for game in args.games:
         for algo in args.algos:
             for seed in args.seeds:

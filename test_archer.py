@@ -918,6 +918,18 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
         assert log[-1]["env_steps"] >= 150 and [m["iteration"] for m in log] == list(range(-1, len(log) - 1))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional and not installed")
+def test_benchmark_plots_one_runs_curves(tmp_path):
+    import benchmark
+    rows = [{"iteration": -1, "env_steps": 0}] + [{"iteration": i, "env_steps": 10 * i, "train_return": -10.0 + i, "invalid": 0.01,
+                                                    "critic_fit": 0.1 * i, "logp": -4.0, "actor_loss": None if i < 2 else 0.1} for i in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
+    benchmark.main(["--curves", str(tmp_path)])
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no iterations"):
+        benchmark.main(["--curves", str(tmp_path / "empty")])
+
+
 def test_benchmark_training_games_average_the_last_iterations_only():
     import benchmark
     log = [{"iteration": -1, "env_steps": 0, "eval_success": 0.9}]  # the warm start is not an iteration
