@@ -451,6 +451,14 @@ def critic_steps(run) -> dict:
     return {k: float(np.mean([s[k] for s in stats])) for k in ("critic_loss", "q_mean", "v_mean")} if stats else {}
 
 
+def policy_gradient_loss(run, states, ids, weights):
+    """actor_loss on the sampled ids, scored at the training temperature and weighted per utterance,
+    plus --kl-coef x KL(actor || warm start) when the run keeps that reference. Returns (loss, mean KL)."""
+    out = utterance_logprobs(run.policy, states, ids, run.args.temperature, run.reference)
+    logp, kl = (out, torch.zeros(1)) if run.reference is None else out
+    return actor_loss(logp, weights.to(logp.device)) + run.args.kl_coef * kl.mean(), kl.mean().item()
+
+
 def actor_steps(run) -> dict:
     """--actor-steps policy-gradient steps: fresh utterances for buffer states, scored by the
     critic's advantage, pushed up or down by REINFORCE inside the utterance (token level)."""
@@ -460,13 +468,10 @@ def actor_steps(run) -> dict:
         texts, ids, _ = policy.generate(states, args.temperature)  # --gen-batch-size at a time
         adv = advantage(run.critic, states, texts)
         policy.model.train()
-        # the ids sampled, scored at their temperature; with --kl-coef, also KL(pi || warm start)
-        out = utterance_logprobs(policy, states, ids, args.temperature, run.reference)
-        logp, kl = (out, torch.zeros(1)) if run.reference is None else out
-        loss = actor_loss(logp, adv) + args.kl_coef * kl.mean()
+        loss, kl = policy_gradient_loss(run, states, ids, adv)
         run.skipped += not clipped_step(run.actor_opt, policy.model.parameters(), loss, args.grad_clip)
         policy.model.eval()
-        stats.append({"actor_loss": loss.item(), "advantage_mean": adv.mean().item(), "kl": kl.mean().item()})
+        stats.append({"actor_loss": loss.item(), "advantage_mean": adv.mean().item(), "kl": kl})
     return {k: float(np.mean([s[k] for s in stats])) if stats else None for k in ("actor_loss", "advantage_mean", "kl")}
 
 

@@ -80,9 +80,8 @@ class Reinforce:
             part = flat[k::args.actor_steps]
             if not part:
                 continue
-            out = archer.utterance_logprobs(run.policy, [p[0] for p in part], [p[1] for p in part], args.temperature, run.reference)
-            logp, kl = (out, torch.zeros(1)) if run.reference is None else out  # the same KL penalty as ArCHer's actor
-            loss = archer.actor_loss(logp, torch.tensor([p[2] for p in part], device=logp.device)) + args.kl_coef * kl.mean()
+            # ArCHer's actor loss and KL penalty, with the return-to-go in place of the critic's advantage
+            loss, _ = archer.policy_gradient_loss(run, [p[0] for p in part], [p[1] for p in part], torch.tensor([p[2] for p in part]))
             run.skipped += not archer.clipped_step(run.actor_opt, run.policy.model.parameters(), loss, args.grad_clip)
             losses.append(loss.item())
         run.policy.model.eval()
