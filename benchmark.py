@@ -141,12 +141,20 @@ def report(game, args):
     return "\n".join(rows) + "\n"
 
 
-def plot(game, logs, args):
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed), or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(game, logs, args):
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: table only (pip install matplotlib for the plots)")
         return
     fig, (ax, tr) = plt.subplots(1, 2, figsize=(12, 4))
@@ -183,11 +191,8 @@ def plot(game, logs, args):
 def plot_curves(run, path):
     """One run's health at a glance: the training games' return and invalid share, the critic's fit
     to their Monte Carlo returns, and the sampled utterance's log-prob, per iteration."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         sys.exit("error: --curves draws with matplotlib: pip install matplotlib")
     rows = iterations(read_log(run))
     if not rows:
