@@ -68,7 +68,7 @@ class KnowledgeGame:
     max_turns = 20
 
     def __init__(self, name, secrets, names, questions, answers, oracle, guess_format, seed,
-                 p_random, p_guess, least_informative, name_anywhere=False):
+                 p_random, p_guess, least_informative, orders=0, name_anywhere=False):
         self.name, self.secrets, self.names = name, list(secrets), names
         self.name_anywhere = name_anywhere
         self.longest_name = max(len(n.split()) for n in names)  # in words
@@ -86,6 +86,14 @@ class KnowledgeGame:
         self.rng = random.Random(seed)
         # The demonstrator's habits (see demonstrator()).
         self.p_random, self.p_guess, self.least_informative = p_random, p_guess, least_informative
+        # With orders > 0 the demonstrator follows one of that many fixed shuffles of the bank
+        # instead, recognized from the dialogue's first question (so each must start differently).
+        shuffler, self.orders = random.Random(100), []
+        for _ in range(orders):
+            self.orders.append(informative[:])
+            shuffler.shuffle(self.orders[-1])
+        if len({o[0] for o in self.orders}) < orders:
+            raise ValueError(f"{name}: two of the demonstrator's question orders start alike")
         self.done, self.turn, self.state, self.secret, self.history = True, 0, HEADER, None, []
 
     def __deepcopy__(self, memo):
@@ -180,9 +188,22 @@ class KnowledgeGame:
         secret when one is left or, at random moments, too early; otherwise it asks a random
         question of the bank it has not asked yet (maybe useless) with probability p_random,
         else a question that splits the possible secrets: the least informative one (subset)
-        or a random one. Never the same question twice."""
+        or a random one. Never the same question twice.
+
+        With fixed orders (full Twenty Questions) it picks an order at random at the first turn,
+        then asks that order's next question that still splits the possible secrets and guesses
+        when one is left. A tiny actor cannot clone the random player on 157 objects (that would
+        mean memorizing which objects each answer rules out: its clone wins 0-1%); this one's
+        choice follows from the dialogue alone, and its clone wins about as often as it does."""
         alive = self.consistent()
         asked = {what for kind, what, _ in self.history if kind == "question"}
+        if self.orders:
+            if len(alive) == 1:
+                return self.guess_format(alive[0])
+            started = [o for o in self.orders if self.history and self.history[0][1] == o[0]]
+            order = started[0] if started else rng.choice(self.orders)
+            ask = [q for q in order if q not in asked and len({self.answers[q][s] for s in alive}) > 1]
+            return ask[0] if ask else self.guess_format(rng.choice(alive))
         fresh = [q for q in self.questions[: len(self.questions) - len(self.secrets)] if q not in asked]
         splits = self._splits(alive)
         if len(alive) == 1 or not fresh or not splits or rng.random() < self.p_guess:
@@ -292,9 +313,11 @@ def make_twentyq(name, seed, objects=None):
         return f"Is it {article}{s}?"
 
     subset = objects is not None
+    # The subset's demonstrator asks at random, the least informative of the splitting questions
+    # 30% of the time; on all 157 objects the tiny actor cannot clone a random player, so the full
+    # game's demonstrator follows fixed question orders (see demonstrator()).
     return KnowledgeGame(name, secrets, names, bank, answers, oracle, guess, seed,
-                         p_random=0.7 if subset else 0.3, p_guess=0.1 if subset else 0.08,
-                         least_informative=subset)
+                         p_random=0.7, p_guess=0.1, least_informative=True, orders=0 if subset else 4)
 
 
 # ---- Guess My City ------------------------------------------------------------------------

@@ -233,6 +233,30 @@ def test_demonstrator_never_repeats_and_reference_ignores_its_rng():
             envs.play(env, lambda g: g.reference(random.Random(2)), secret)
 
 
+def test_twentyq_demonstrator_follows_one_fixed_order(tq):
+    """Full Twenty Questions' demonstrator: per dialogue one of its fixed orders, picked at random,
+    skipping only questions that no longer split the possible objects; a guess once one is left."""
+    rng, firsts = random.Random(5), set()
+    for _ in range(20):
+        tq.reset()
+        while not tq.done:
+            alive, u = tq.consistent(), tq.demonstrator(rng)
+            kind, what = tq.parse(u)
+            order = next(o for o in tq.orders if o[0] == (tq.history[0][1] if tq.history else what))
+            asked = {w for _, w, _ in tq.history}
+            splits = [q for q in order if q not in asked and len({tq.answers[q][s] for s in alive}) > 1]
+            if kind == "question":
+                assert len(alive) > 1 and what == splits[0]
+            else:
+                assert kind == "guess" and what in alive and (len(alive) == 1 or not splits)
+            tq.step(u)
+        firsts.add(tq.history[0][1])
+    assert len(firsts) >= 3  # the order is drawn per dialogue
+    with pytest.raises(ValueError, match="start alike"):  # one informative question: every order starts with it
+        envs.KnowledgeGame("g", ["a", "b"], {"a": "a", "b": "b"}, ["Q?"], {"Q?": {"a": envs.YES, "b": envs.NO}},
+                           {"q": "Q?"}, lambda s: f"Is it {s}?", 0, 0.5, 0.1, True, orders=2)
+
+
 def test_unknown_game_and_secret():
     with pytest.raises(ValueError, match="unknown game"):
         envs.make_env("chess")
