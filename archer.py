@@ -769,8 +769,9 @@ def train(args: Args, game=None, rule=None):
     games = [run.fresh(args.seed * 1000 + i) for i in range(args.games)]
     end = run.start_it if 0 < args.max_env_steps <= run.env_steps else args.iterations  # a resumed run may be done
     with stop_signals() as stop:  # Ctrl-C / SIGTERM: finish the iteration, checkpoint, stop
-        for it in tqdm(range(run.start_it, end), desc=run.rule.name, initial=run.start_it, total=args.iterations,
-                       disable=run.rank > 0):
+        # Under --max-env-steps the number of iterations is not known ahead: the bar then shows no total and no ETA.
+        for it in tqdm(range(run.start_it, end), desc=run.rule.name, initial=run.start_it,
+                       total=float("inf") if args.max_env_steps else args.iterations, disable=run.rank > 0):
             t0 = time.time()
             trajs, ids, m = collect_games(run, games)  # 1. play with the current policy
             m = {"iteration": it, **m, **run.rule.update(run, it, trajs, ids)}  # 2.-3. ArCHer.update: critic, then actor
