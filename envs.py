@@ -190,7 +190,7 @@ class KnowledgeGame:
         else a question that splits the possible secrets: the least informative one (subset)
         or a random one. Never the same question twice.
 
-        With fixed orders (full Twenty Questions) it picks an order at random at the first turn,
+        With fixed orders (full Twenty Questions, Guess My City) it picks an order at random at the first turn,
         then asks that order's next question that still splits the possible secrets and guesses
         when one is left. A tiny actor cannot clone the random player on 157 objects (that would
         mean memorizing which objects each answer rules out: its clone wins 0-1%); this one's
@@ -388,8 +388,10 @@ def make_guess_my_city(name, seed):
     add(["What river runs through it?", "Which river is it on?", "What river is it on?"],
         lambda r: "No major river runs through it." if r["river"] == "none" else f"The {r['river']} runs through it.")
     # No landmark question: each hint is unique, so it would settle every game in one turn.
+    # The demonstrator follows fixed question orders, as on full Twenty Questions: the tiny actor
+    # cloned the random one (65% / -14.1 as a player) to 0% greedy, 2% sampled.
     return KnowledgeGame(name, secrets, names, bank, answers, oracle, lambda s: f"Is it {s}?", seed,
-                         p_random=0.5, p_guess=0.1, least_informative=False, name_anywhere=True)
+                         p_random=0.5, p_guess=0.1, least_informative=False, orders=4, name_anywhere=True)
 
 
 def make_env(name: str, seed: int = 0) -> KnowledgeGame:
