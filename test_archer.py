@@ -973,6 +973,21 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional and not installed")
+def test_benchmark_gives_the_large_games_a_longer_warm_start(tmp_path, monkeypatch):
+    """GAME_FLAGS reach the runs of their game only, and flags after -- still win (argparse keeps the last)."""
+    import benchmark
+    cmds = []
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda cmd: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    asked = benchmark.argparse.Namespace(out=str(tmp_path), env_steps=10, eval_every=1)
+    for game in ("twentyq", "twentyq_subset"):
+        benchmark.run(game, "archer", 1, asked, ["--actor-steps", "1"])
+    big, small = cmds
+    assert big[big.index("--bc-steps") + 1] == "3000" and "--bc-steps" not in small
+    assert archer.parse_args(big[2:]).bc_steps == 3000
+    benchmark.run("guess_my_city", "archer", 1, asked, ["--bc-steps", "50"])
+    assert archer.parse_args(cmds[-1][2:]).bc_steps == 50
+
+
 def test_benchmark_plots_one_runs_curves(tmp_path):
     import benchmark
     rows = [{"iteration": -1, "env_steps": 0}] + [{"iteration": i, "env_steps": 10 * i, "train_return": -10.0 + i, "invalid": 0.01,
