@@ -9,10 +9,12 @@
 #   first time (gpt2, roberta-base); afterwards the models load from the local cache.
 # Time and results: NOT MEASURED YET (no GPU was available to the sessions that wrote this).
 #   Our estimate is 20-40 s per iteration on an A100-class GPU, so about 1-2 hours for the
-#   200 iterations. The warm start clones the game's scripted demonstrator, which wins 42%
-#   of its games with a mean return of -16.7; the paper reports returns around -17 for the
-#   cloned start and a few points better after ArCHer (offline baselines -14 to -17), far
-#   from the -7.6 of the information-gain reference player. Replace this paragraph with
+#   200 iterations. The warm start clones the game's scripted demonstrator (one of 4 fixed
+#   question orders per dialogue), which wins 52-57% of its games with a mean return of about
+#   -15.4; the tiny CPU models reach 73-78% / -13.6 to -14.1 greedy on it (docs/results.md).
+#   The paper reports returns around -17 for the cloned start and a few points better after
+#   ArCHer (offline baselines -14 to -17), far from the -7.6 of the information-gain
+#   reference player. Replace this paragraph with
 #   measured figures once a run has finished.
 # Output: runs/gpt2_twentyq/ (metrics.jsonl, checkpoint.pt, best.pt); interrupt with Ctrl-C and
 #   continue with the same command plus --resume. Extra flags are passed on: ./train_gpt2_twentyq.sh --seed 2
