@@ -972,7 +972,6 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
         assert log[-1]["env_steps"] >= 150 and [m["iteration"] for m in log] == list(range(-1, len(log) - 1))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional and not installed")
 def test_benchmark_gives_the_large_games_a_longer_warm_start(tmp_path, monkeypatch):
     """GAME_FLAGS reach the runs of their game only, and flags after -- still win (argparse keeps the last)."""
     import benchmark
@@ -988,6 +987,7 @@ def test_benchmark_gives_the_large_games_a_longer_warm_start(tmp_path, monkeypat
     assert archer.parse_args(cmds[-1][2:]).bc_steps == 50
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional and not installed")
 def test_benchmark_plots_one_runs_curves(tmp_path):
     import benchmark
     rows = [{"iteration": -1, "env_steps": 0}] + [{"iteration": i, "env_steps": 10 * i, "train_return": -10.0 + i, "invalid": 0.01,
