@@ -235,6 +235,7 @@ class Critic(nn.Module):
         self.max_len = min(max_len, tok.model_max_length, getattr(encoder.config, "max_position_embeddings", max_len))
         h = encoder.config.hidden_size  # head size from the encoder's config, never hard-coded
         self.q1, self.q2, self.v1, self.v2 = (nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)) for _ in range(4))
+        self.ids_cache = {}  # text -> its token ids (token_ids)
 
     @torch.no_grad()
     def start_pessimistic(self, value: float):
@@ -243,26 +244,53 @@ class Critic(nn.Module):
         for h in (self.q1, self.q2, self.v1, self.v2):
             h[-1].bias.fill_(value)
 
-    def embed(self, texts):
+    def token_ids(self, texts):
+        """Each text's token ids, cached: buffered texts are drawn again and again, and tokenizing them at
+        every step cost a tenth of a critic step. The cache is emptied at 200,000 texts to bound its memory."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.ids_cache]
+        if new:
+            if len(self.ids_cache) + len(new) > 200_000:
+                self.ids_cache.clear()
+                new = list(dict.fromkeys(texts))
+            self.ids_cache.update(zip(new, self.tok(new, truncation=True, max_length=self.max_len)["input_ids"]))
+        return [self.ids_cache[t] for t in texts]
+
+    def embed(self, texts, chunks: int = 4):
         """The encoder's last hidden state at each text's final real token, (B, H): the end of the utterance (Q)
-        or newest turn (V), it attends to the whole text, and unlike a mean is not swamped by a long state."""
-        enc = self.tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_len)
-        ids, mask = enc["input_ids"].to(self.encoder.device), enc["attention_mask"].to(self.encoder.device)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H), right-padded
-        last = mask.sum(1) - 1  # index of the final real token
-        return hidden[torch.arange(len(last), device=last.device), last].float()  # heads run in float32
+        or newest turn (V), it attends to the whole text, and unlike a mean is not swamped by a long state.
+        The texts run shortest first in `chunks` calls, each padded only to its own longest text: one call
+        padded to the batch's longest was two-thirds padding (states run from 1 to 20 turns), and a text's
+        hidden state does not depend on its neighbours' padding, so only the cost changes."""
+        ids = self.token_ids(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        size, out = max(1, -(-len(ids) // chunks)), []
+        for k in range(0, len(ids), size):
+            part = [torch.tensor(ids[i]) for i in order[k: k + size]]
+            x = nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=self.tok.pad_token_id)  # right padding
+            mask = nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in part], batch_first=True)
+            x, mask = x.to(self.encoder.device), mask.to(self.encoder.device)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                hidden = self.encoder(input_ids=x, attention_mask=mask).last_hidden_state  # (b, L, H)
+            out.append(hidden[torch.arange(len(part), device=x.device), mask.sum(1) - 1].float())  # final real token
+        if not out:
+            return torch.zeros(0, self.encoder.config.hidden_size, device=self.encoder.device)
+        return torch.cat(out)[torch.tensor(order, device=self.encoder.device).argsort()]  # back to the texts' order
+
+    def q_and_v(self, states, actions, v_states):
+        """Q1, Q2 on (states, actions) and V1, V2 on v_states (each (B,)), from one encoder call: one set of
+        length-sorted chunks for both. Deviation 4: one pass over state + utterance lets attention relate the
+        question to the dialogue (was it asked before?), learnt far faster than from two pooled vectors."""
+        x = self.embed([s + a + "\n" for s, a in zip(states, actions)] + list(v_states))
+        xq, xv = x[: len(states)], x[len(states):]
+        return self.q1(xq).squeeze(-1), self.q2(xq).squeeze(-1), self.v1(xv).squeeze(-1), self.v2(xv).squeeze(-1)
 
     def q(self, states, actions):
-        """Q1, Q2 (each (B,)). Deviation 4: one pass over state + utterance lets attention relate the
-        question to the dialogue (was it asked before?), learnt far faster than from two pooled vectors."""
-        x = self.embed([s + a + "\n" for s, a in zip(states, actions)])
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        """Q1, Q2 (each (B,))."""
+        return self.q_and_v(states, actions, [])[:2]
 
     def v(self, states):
         """V1, V2 (each (B,))."""
-        x = self.embed(states)
-        return self.v1(x).squeeze(-1), self.v2(x).squeeze(-1)
+        return self.q_and_v([], [], states)[2:]
 
 
 @torch.no_grad()
@@ -377,13 +405,11 @@ def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: flo
     s, a, r, s2, d = batch
     dev = next(critic.parameters()).device
     r, d = r.to(dev), d.to(dev)
-    with torch.no_grad():
-        tv1, tv2 = target.v(s2)  # next states s'
+    with torch.no_grad():  # one target pass: Qbar on (s, a~), the current policy's actions, and Vbar on s'
+        tq1, tq2, tv1, tv2 = target.q_and_v(s, fresh_actions, s2)
         y1, y2 = r + gamma * (1 - d) * tv1, r + gamma * (1 - d) * tv2  # (B,)
-        tq1, tq2 = target.q(s, fresh_actions)  # states s, with the current policy's actions
         yv = torch.minimum(tq1, tq2)
-    q1, q2 = critic.q(s, a)
-    v1, v2 = critic.v(s)
+    q1, q2, v1, v2 = critic.q_and_v(s, a, s)  # one online pass, one backward
     loss = F.mse_loss(q1, y1) + F.mse_loss(q2, y2) + F.mse_loss(v1, yv) + F.mse_loss(v2, yv)
     return loss, {"q_mean": torch.minimum(q1, q2).mean().item(), "v_mean": torch.minimum(v1, v2).mean().item()}
 
@@ -391,8 +417,7 @@ def critic_loss(critic: Critic, target: Critic, batch, fresh_actions, gamma: flo
 def advantage(critic: Critic, states, actions):
     """A(s, a) = min(Q1, Q2)(s, a) - min(V1, V2)(s), no gradient. Shape (B,)."""
     with torch.no_grad():
-        q1, q2 = critic.q(states, actions)
-        v1, v2 = critic.v(states)
+        q1, q2, v1, v2 = critic.q_and_v(states, actions, states)
         return torch.minimum(q1, q2) - torch.minimum(v1, v2)
 
 
@@ -526,39 +551,52 @@ def evaluate_only(run):
 
 # ----------------------------------------------------------------------------------------
 # Warm start: behaviour cloning on the demonstrator (the paper starts from an SFT model).
-def imitation_loss(policy: Policy, dialogues):
-    """-log pi(utterance + stop | state) per agent token, averaged, over every turn of whole dialogues, one
-    teacher-forced pass each: every earlier state is a prefix of the last, so one pass scores every turn for
-    the cost of the last. Answers get no loss; the position after an utterance is scored on its stop token. A
-    turn whose next state does not extend state + utterance starts a new sequence (any game stays clonable)."""
-    enc = lambda text: policy.tok(text, add_special_tokens=False).input_ids
-    stop, seqs = enc(policy.stop_text)[-1], []
+def clone_sequences(policy: Policy, dialogues):
+    """Each dialogue as teacher-forcing sequences (ids, targets): targets[i] is the token the logits at
+    position i must predict, -100 where there is no loss. Every earlier state is a prefix of the last, so
+    one sequence scores every turn for the cost of the last. Answers get no loss; the position after an
+    utterance is scored on its stop token. A turn whose next state does not extend state + utterance starts
+    a new sequence (any game stays clonable). Tokenized once, in one batched call: cloning then draws from
+    these (re-tokenizing every sampled turn at every step took a third of the warm start)."""
+    pieces = []  # the texts to tokenize: a dialogue's first state, then per turn the utterance and the answer
     for d in dialogues:
-        ids = None
+        start = True
+        for s, a, _, s2, _ in d:
+            pieces += ([s] if start else []) + [a, s2[len(s) + len(a):] if s2.startswith(s + a) else ""]
+            start = not s2.startswith(s + a)
+    toks = iter(policy.tok(pieces, add_special_tokens=False).input_ids if pieces else [])
+    stop, out = policy.tok(policy.stop_text, add_special_tokens=False).input_ids[-1], []
+    for d in dialogues:
+        seqs, ids = [], None
         for s, a, _, s2, _ in d:
             if ids is None:
-                ids = enc(s)
-                tgt = [-100] * len(ids)  # tgt[i]: the token the logits at position i must predict
-            u = enc(a)
+                ids = next(toks)
+                tgt = [-100] * len(ids)
+            u, rest = next(toks), next(toks)
             tgt[-1:] = [u[0] if u else stop]
             ids, tgt = ids + u, tgt + u[1:] + [stop] * bool(u)
             if s2.startswith(s + a):
-                rest = enc(s2[len(s) + len(a):])
                 ids, tgt = ids + rest, tgt + [-100] * len(rest)
             else:
                 seqs.append((ids, tgt))
                 ids = None
-        if ids is not None:
-            seqs.append((ids, tgt))
+        out.append(seqs + ([(ids, tgt)] if ids is not None else []))
+    return out
+
+
+def imitation_loss(policy: Policy, seqs):
+    """-log pi(utterance + stop | state) per agent token, averaged, over teacher-forcing sequences
+    (clone_sequences' (ids, targets) pairs), one right-padded pass."""
     ctx = policy.max_prompt + policy.max_new_tokens  # a dialogue longer than the context keeps its end
-    ids, tgt = ([torch.tensor(x[k][-ctx:]) for x in seqs] for k in (0, 1))
+    ids, tgt = ([torch.tensor(x[k][-ctx:]) for x in seqs] for k in (0, 1))  # each (L_i,)
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)  # right padding
     ids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
     tgt = nn.utils.rnn.pad_sequence(tgt, batch_first=True, padding_value=-100)
-    dev = policy.model.device
+    dev, tgt = policy.model.device, tgt.to(policy.model.device)
     with policy.amp():
         logits = policy.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # (B, L, V)
-    return F.cross_entropy(policy.scores(logits, 1.0).flatten(0, 1), tgt.to(dev).flatten(), ignore_index=-100)
+    scored = tgt != -100  # the agent's tokens: the softmax over the vocabulary only where there is a loss
+    return F.cross_entropy(policy.scores(logits[scored], 1.0), tgt[scored])
 
 
 def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
@@ -567,8 +605,10 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.bc_lr, weight_decay=0.0)
     policy.model.train()
     loss, bar = None, tqdm(range(args.bc_steps), desc="behaviour cloning", leave=False, disable=world()[0] > 0)
+    seqs = clone_sequences(policy, demos) if args.bc_steps else []
     for step in bar:
-        loss = imitation_loss(policy, [demos[rng.randrange(len(demos))] for _ in range(max(1, args.batch_size // 4))])
+        picked = [seqs[rng.randrange(len(seqs))] for _ in range(max(1, args.batch_size // 4))]  # dialogues
+        loss = imitation_loss(policy, [x for d in picked for x in d])
         # Linear warm-up, then cosine decay: from-scratch tiny models need a large lr early, a small one late.
         for g in opt.param_groups:
             g["lr"] = args.bc_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.bc_steps))

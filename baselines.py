@@ -53,7 +53,8 @@ class FilteredBC:
         best, losses = run.extra["elite"], []
         run.policy.model.train()
         for _ in range(run.args.actor_steps):  # --batch-size // 4 dialogues a step, as in the warm start
-            loss = archer.imitation_loss(run.policy, [best[run.rng.randrange(len(best))] for _ in range(max(1, run.args.batch_size // 4))])
+            picked = [best[run.rng.randrange(len(best))] for _ in range(max(1, run.args.batch_size // 4))]
+            loss = archer.imitation_loss(run.policy, [x for d in archer.clone_sequences(run.policy, picked) for x in d])
             run.skipped += not archer.clipped_step(run.actor_opt, run.policy.model.parameters(), loss, run.args.grad_clip)
             losses.append(loss.item())
         run.policy.model.eval()

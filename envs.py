@@ -94,13 +94,14 @@ class KnowledgeGame:
             shuffler.shuffle(self.orders[-1])
         if len({o[0] for o in self.orders}) < orders:
             raise ValueError(f"{name}: two of the demonstrator's question orders start alike")
-        self.done, self.turn, self.state, self.secret, self.history = True, 0, HEADER, None, []
+        self.split_memo = {}  # possible secrets -> _splits of them, shared by every copy (the players' bookkeeping)
+        self.done, self.turn, self.state, self.secret, self.history, self.alive = True, 0, HEADER, None, [], []
 
     def __deepcopy__(self, memo):
         """Another game to play in parallel: its own state and random stream, the knowledge
         base (read-only tables of a few MB) shared rather than copied."""
         twin = copy.copy(self)
-        twin.rng, twin.history = copy.deepcopy(self.rng, memo), list(self.history)
+        twin.rng, twin.history, twin.alive = copy.deepcopy(self.rng, memo), list(self.history), list(self.alive)
         return twin
 
     # ---- the game ---------------------------------------------------------------------
@@ -108,7 +109,7 @@ class KnowledgeGame:
         if secret is not None and secret not in self.secrets:
             raise ValueError(f"unknown secret {secret!r} for {self.name}")
         self.secret = secret if secret is not None else self.rng.choice(self.secrets)
-        self.done, self.turn, self.state, self.history = False, 0, HEADER, []
+        self.done, self.turn, self.state, self.history, self.alive = False, 0, HEADER, [], list(self.secrets)
         return self.state
 
     def parse(self, utterance: str):
@@ -147,6 +148,9 @@ class KnowledgeGame:
         else:
             answer = INVALID
         self.history.append((kind, what, answer))
+        # The secrets still consistent with the public dialogue, narrowed turn by turn (see consistent()).
+        self.alive = [s for s in self.alive if (kind != "question" or self.answers[what][s] == answer)
+                      and (kind != "guess" or s != what)]
         self.turn += 1
         self.done = self.done or self.turn >= self.max_turns
         self.state += f"{question} {answer}\n"
@@ -158,30 +162,25 @@ class KnowledgeGame:
 
     # ---- players (they read only the public dialogue, never self.secret) --------------------
     def consistent(self):
-        """The secrets that agree with every answer given so far (never empty: the true
-        secret always does)."""
-        alive = []
-        for s in self.secrets:
-            ok = True
-            for kind, what, answer in self.history:
-                if (kind == "question" and self.answers[what][s] != answer) or (kind == "guess" and what == s):
-                    ok = False
-                    break
-            if ok:
-                alive.append(s)
-        return alive
+        """The secrets that agree with every answer given so far, in the order of `secrets`
+        (never empty: the true secret always does). Kept up to date by step()."""
+        return list(self.alive)
 
     def _splits(self, alive):
-        """(entropy of the answer partition over `alive`, question) for questions that split it."""
-        out = []
-        for q, ans in self.answers.items():
-            counts = {}
-            for s in alive:
-                counts[ans[s]] = counts.get(ans[s], 0) + 1
-            if len(counts) > 1:
-                n = len(alive)
-                out.append((-sum(c / n * math.log2(c / n) for c in counts.values()), q))
-        return out
+        """(entropy of the answer partition over `alive`, question) for questions that split it.
+        Memoized by the set of possible secrets: games revisit the same sets again and again."""
+        key = tuple(alive)
+        if key not in self.split_memo:
+            out = []
+            for q, ans in self.answers.items():
+                counts = {}
+                for s in alive:
+                    counts[ans[s]] = counts.get(ans[s], 0) + 1
+                if len(counts) > 1:
+                    n = len(alive)
+                    out.append((-sum(c / n * math.log2(c / n) for c in counts.values()), q))
+            self.split_memo[key] = out
+        return self.split_memo[key]
 
     def demonstrator(self, rng: random.Random) -> str:
         """A weak but state-dependent player, for behaviour cloning. It guesses a still-possible
@@ -202,7 +201,8 @@ class KnowledgeGame:
                 return self.guess_format(alive[0])
             started = [o for o in self.orders if self.history and self.history[0][1] == o[0]]
             order = started[0] if started else rng.choice(self.orders)
-            ask = [q for q in order if q not in asked and len({self.answers[q][s] for s in alive}) > 1]
+            splitting = {q for _, q in self._splits(alive)}
+            ask = [q for q in order if q not in asked and q in splitting]
             return ask[0] if ask else self.guess_format(rng.choice(alive))
         fresh = [q for q in self.questions[: len(self.questions) - len(self.secrets)] if q not in asked]
         splits = self._splits(alive)

@@ -233,6 +233,26 @@ def test_demonstrator_never_repeats_and_reference_ignores_its_rng():
             envs.play(env, lambda g: g.reference(random.Random(2)), secret)
 
 
+def test_possible_secrets_kept_per_game_match_the_whole_history():
+    """consistent() is narrowed turn by turn in step() and _splits is memoized: both must equal the
+    plain recomputation from the dialogue's history, for every game and for random utterances too."""
+    for name in envs.ENV_NAMES:
+        env, rng = envs.make_env(name, seed=1), random.Random(1)
+        for k in range(15):
+            env.reset()
+            while not env.done:
+                alive = [s for s in env.secrets if all((kind != "question" or env.answers[what][s] == ans)
+                                                       and (kind != "guess" or what != s) for kind, what, ans in env.history)]
+                assert env.consistent() == alive
+                splits = [q for q, ans in env.answers.items() if len({ans[s] for s in alive}) > 1]
+                assert [q for _, q in env._splits(alive)] == splits
+                env.step(env.demonstrator(rng) if k % 3 else rng.choice(env.questions + ["Is it blue?"]))
+        before, twin = env.consistent(), copy.deepcopy(env)
+        twin.reset(env.secrets[0])
+        twin.step(env.questions[0])
+        assert env.consistent() == before != twin.consistent()  # a copy narrows its own list
+
+
 def test_twentyq_demonstrator_follows_one_fixed_order(tq):
     """Full Twenty Questions' demonstrator: per dialogue one of its fixed orders, picked at random,
     skipping only questions that no longer split the possible objects; a guess once one is left."""
@@ -442,8 +462,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if ckpt:
             model.activation_checkpointing_enable({"use_reentrant": False})
         pol = archer.Policy(model, tok, max_new_tokens=4)
-        loss = archer.imitation_loss(pol, [[("Questions:\n", "Is it alive?", -1.0, "Questions:\nIs it alive? No.\n", False),
-                                            ("Questions:\nIs it alive? No.\n", "Is it food?", -1.0, "Questions:\nIs it alive? No.\nIs it food? No.\n", False)]])
+        dialogue = [("Questions:\n", "Is it alive?", -1.0, "Questions:\nIs it alive? No.\n", False),
+                    ("Questions:\nIs it alive? No.\n", "Is it food?", -1.0, "Questions:\nIs it alive? No.\nIs it food? No.\n", False)]
+        loss = archer.imitation_loss(pol, archer.clone_sequences(pol, [dialogue])[0])
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -485,7 +506,8 @@ def test_cloning_whole_dialogues_equals_cloning_every_turn_alone(policy):
             num -= archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask).item()
         den += enc.input_ids.numel()
     with torch.no_grad():
-        assert archer.imitation_loss(policy, demos + [odd]).item() == pytest.approx(num / den, rel=1e-5)
+        seqs = [x for d in archer.clone_sequences(policy, demos + [odd]) for x in d]
+        assert archer.imitation_loss(policy, seqs).item() == pytest.approx(num / den, rel=1e-5)
 
 
 class FakeCritic(nn.Module):
@@ -501,6 +523,9 @@ class FakeCritic(nn.Module):
 
     def v(self, states):
         return tuple(torch.tensor(x) + 0 * self.dummy for x in self.vv)
+
+    def q_and_v(self, states, actions, v_states):
+        return self.q(states, actions) + self.v(v_states)
 
 
 def test_diagnostics_by_hand():
@@ -590,16 +615,17 @@ def test_the_v_target_scores_fresh_actions_on_the_batch_states_and_q_targets_the
     run = small_run(tmp_path, "--critic-steps", "1")
     run.agent, calls = FreshAgent(), []
     for net, name in ((run.critic, "online"), (run.target, "target")):
-        net.q, net.v = recording(calls, net.q, name + ".q"), recording(calls, net.v, name + ".v")
+        net.q_and_v = recording(calls, net.q_and_v, name)  # (Q's states, Q's utterances, V's states)
     archer.critic_steps(run)
-    got = dict((name, args) for name, args in calls)
-    online_s, online_a = got["online.q"]
-    assert got["online.v"] == [online_s]  # V_i(s) on the batch's states
-    assert got["target.q"] == [online_s, [f"fresh {k}" for k in range(len(online_s))]]  # Qbar(s, a~): fresh, not a
+    got = dict(calls)
+    online_s, online_a, online_vs = got["online"]
+    assert online_vs == online_s  # V_i(s) on the batch's states
+    target_s, target_a, target_vs = got["target"]
+    assert target_s == online_s and target_a == [f"fresh {k}" for k in range(len(online_s))]  # Qbar(s, a~): fresh, not a
     assert run.agent.asked == [online_s]  # the fresh actions were sampled for exactly those states
-    assert online_a != got["target.q"][1]  # the buffer's actions trained Q, they did not make the V target
+    assert online_a != target_a  # the buffer's actions trained Q, they did not make the V target
     by_state = {(tr[0], tr[1]): tr[3] for tr in run.buffer.data}
-    assert got["target.v"] == [[by_state[(x, y)] for x, y in zip(online_s, online_a)]]  # Vbar on s', not on s
+    assert target_vs == [by_state[(x, y)] for x, y in zip(online_s, online_a)]  # Vbar on s', not on s
 
 
 def test_the_target_critic_follows_the_online_one_after_every_critic_step(tmp_path, monkeypatch):
@@ -660,6 +686,40 @@ def test_the_critic_reads_each_texts_final_real_token_under_right_padding(tmp_pa
         alone = torch.cat([run.critic.embed([t]) for t in texts])
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[1])
+
+
+def test_the_critics_batched_passes_equal_one_pass_per_head(tmp_path):
+    """embed's length-sorted chunks, q_and_v's shared pass and critic_loss's two passes (one target, one online)
+    compute what one padded call per text list did: the same hidden states, loss and gradients, to 1e-5."""
+    run = small_run(tmp_path)
+    critic, target = run.critic, run.target
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a target that differs from the online critic
+    s, a, r, s2, d = run.buffer.sample(24, random.Random(0))
+    fresh = [x[::-1] for x in a]  # any other utterances
+    texts = list(s) + list(s2)
+    assert len({len(critic.token_ids([t])[0]) for t in texts}) > 4  # lengths vary: the chunks differ
+    with torch.no_grad():
+        assert torch.allclose(critic.embed(texts), critic.embed(texts, chunks=1), atol=1e-5)
+
+    def old_loss():  # the four separate passes, each one padded call
+        heads = lambda net, x, h: net.__getattr__(h)(x).squeeze(-1)
+        with torch.no_grad():
+            xv2, xq = target.embed(s2, chunks=1), target.embed([x + y + "\n" for x, y in zip(s, fresh)], chunks=1)
+            y1, y2 = r + 0.9 * (1 - d) * heads(target, xv2, "v1"), r + 0.9 * (1 - d) * heads(target, xv2, "v2")
+            yv = torch.minimum(heads(target, xq, "q1"), heads(target, xq, "q2"))
+        xq, xv = critic.embed([x + y + "\n" for x, y in zip(s, a)], chunks=1), critic.embed(s, chunks=1)
+        return (F.mse_loss(heads(critic, xq, "q1"), y1) + F.mse_loss(heads(critic, xq, "q2"), y2)
+                + F.mse_loss(heads(critic, xv, "v1"), yv) + F.mse_loss(heads(critic, xv, "v2"), yv))
+
+    grads = []
+    for loss in (archer.critic_loss(critic, target, (s, a, r, s2, d), fresh, 0.9)[0], old_loss()):
+        critic.zero_grad()
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in critic.parameters() if p.grad is not None])))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert grads[0][1].abs().sum() > 0 and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
 
 
 def test_no_behaviour_cloning_steps_still_seeds_the_buffer_and_runs(tmp_path):
