@@ -57,14 +57,15 @@ from runtime import (all_sum, check_args, device_and_world, fail, open_run_dir, 
 
 
 # ----------------------------------------------------------------------------------------
-# Config: one dataclass; every field becomes a command-line flag (--field-name).
+# Config: one dataclass; every field becomes a command-line flag (--field-name). A field left at None
+# takes its value from PRESETS (below) when the run starts, or from the checkpoint on --resume.
 @dataclass
 class Args:
     env: str = field(default="twentyq_subset", metadata={"help": "game: " + ", ".join(envs.ENV_NAMES) + ", or module.path:factory for your own"})
     model: str = field(default="tiny", metadata={"help": "actor: 'tiny' (built in) or a hub name / local directory of a causal LM"})
-    critic: str = field(default="tiny", metadata={"help": "critic encoder: 'tiny' or a hub name / local directory of an encoder"})
+    critic: str = field(default=None, metadata={"help": "critic encoder: 'tiny' or a hub name / local directory of an encoder"})
     seed: int = field(default=1, metadata={"help": "seeds python, numpy, torch and the games"})
-    iterations: int = field(default=60, metadata={"help": "outer iterations (rollouts, then critic and actor steps)"})
+    iterations: int = field(default=None, metadata={"help": "outer iterations (rollouts, then critic and actor steps)"})
     out: str = field(default="runs/archer", metadata={"help": "run directory: metrics.jsonl and checkpoint.pt"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
@@ -72,39 +73,90 @@ class Args:
     show: int = field(default=0, metadata={"help": "with --eval-only: print this many evaluation dialogues of the greedy agent"})
     max_env_steps: int = field(default=0, metadata={"help": "also stop once this many environment steps were played (0: no limit)"})
     # warm start (behaviour cloning on the game's demonstrator)
-    bc_games: int = field(default=2000, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
-    bc_steps: int = field(default=600, metadata={"help": "behaviour-cloning gradient steps (0: no cloning, the buffer is still seeded)"})
-    bc_lr: float = field(default=1e-3, metadata={"help": "behaviour-cloning learning rate"})
+    bc_games: int = field(default=None, metadata={"help": "demonstrator dialogues for the warm start (also seed the buffer)"})
+    bc_steps: int = field(default=None, metadata={"help": "behaviour-cloning gradient steps (0: no cloning, the buffer is still seeded)"})
+    bc_lr: float = field(default=None, metadata={"help": "behaviour-cloning learning rate"})
     # rollouts
-    games: int = field(default=32, metadata={"help": "games played in parallel per iteration"})
+    games: int = field(default=None, metadata={"help": "games played in parallel per iteration"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts, fresh actions and the actor's log-probs"})
-    max_new_tokens: int = field(default=12, metadata={"help": "cap on the tokens of one utterance"})
+    max_new_tokens: int = field(default=None, metadata={"help": "cap on the tokens of one utterance"})
     stop: str = field(default="\n", metadata={"help": "the string that ends an utterance (default: newline)"})
-    gen_batch_size: int = field(default=0, metadata={"help": "utterances generated per call (0: all at once); bounds generation memory"})
+    gen_batch_size: int = field(default=None, metadata={"help": "utterances generated per call (0: all at once); bounds generation memory"})
     # hardware and large models
     dtype: str = field(default="auto", metadata={"help": "'auto' (bf16 autocast on a GPU that supports it, else float32), 'float32' or 'bfloat16'"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, more compute"})
     lora_rank: int = field(default=0, metadata={"help": "train LoRA adapters of this rank on the actor instead of all its weights (needs peft; 0: off)"})
     # ArCHer
     buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity in transitions (paper: 10k)"})
-    batch_size: int = field(default=64, metadata={"help": "transitions per critic or actor step"})
-    critic_steps: int = field(default=20, metadata={"help": "critic steps per iteration"})
-    actor_steps: int = field(default=2, metadata={"help": "actor steps per iteration"})
-    warmup_iters: int = field(default=10, metadata={"help": "iterations of critic-only training before the actor moves"})
-    critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (Adam)"})
-    actor_lr: float = field(default=1e-4, metadata={"help": "actor learning rate (Adam)"})
+    batch_size: int = field(default=None, metadata={"help": "transitions per critic or actor step"})
+    critic_steps: int = field(default=None, metadata={"help": "critic steps per iteration"})
+    actor_steps: int = field(default=None, metadata={"help": "actor steps per iteration"})
+    warmup_iters: int = field(default=None, metadata={"help": "iterations of critic-only training before the actor moves"})
+    critic_lr: float = field(default=None, metadata={"help": "critic learning rate (Adam)"})
+    actor_lr: float = field(default=None, metadata={"help": "actor learning rate (Adam)"})
     kl_coef: float = field(default=0.5, metadata={"help": "weight of KL(actor || warm-started actor) in the actor loss (0: off; deviation 9)"})
     gamma: float = field(default=0.95, metadata={"help": "discount per turn"})
     tau: float = field(default=0.1, metadata={"help": "Polyak rate of the target critic"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the fixed evaluation set every N iterations"})
+    eval_every: int = field(default=None, metadata={"help": "evaluate on the fixed evaluation set every N iterations"})
     eval_games: int = field(default=100, metadata={"help": "evaluation games for a game without a `secrets` list (seeded)"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end, and on Ctrl-C)"})
 
 
+# Presets: what a flag left unset takes, by the actor ("tiny", or "pretrained" for a hub name or a local
+# directory) and the game ("*": any game). The game's entry overrides its actor's; a flag given always wins.
+PRESETS = {
+    ("tiny", "*"): dict(  # the CPU quick start (twentyq_subset): 0.2M-parameter models, minutes on a laptop
+        critic="tiny", bc_games=2000, bc_steps=600, bc_lr=1e-3,  # from-scratch models: a large cloning lr
+        iterations=60, games=32, gen_batch_size=0, max_new_tokens=12,  # bank utterances are 1-2 tokens + stop
+        batch_size=64, critic_steps=20, actor_steps=2, warmup_iters=10,  # more critic than actor steps, as the paper
+        critic_lr=1e-3, actor_lr=1e-4, eval_every=10),  # actor lr 1e-4: larger ones collapsed into invalid text
+    # 157 objects / 91 cities: the fixed-order demonstrator takes ~3000 steps to clone (greedy 41% median, 0-1%
+    # after 600), and the critic ~150 iterations to find the best opening (README, full Twenty Questions).
+    ("tiny", "twentyq"): dict(bc_steps=3000, iterations=150, eval_every=25),
+    ("tiny", "guess_my_city"): dict(bc_steps=3000, iterations=150, eval_every=25),
+    ("pretrained", "*"): dict(  # the paper's setting (GPT-2 actor, one GPU), after the paper and its code
+        critic="roberta-base",  # the paper's critic encoder
+        bc_games=5000, bc_steps=2000, bc_lr=1e-4,  # a pretrained model needs a gentle lr to clone without forgetting
+        iterations=200, games=128, gen_batch_size=128,  # the paper's 128 rollouts per iteration
+        max_new_tokens=32,  # room for a free-form question in GPT-2's tokens
+        batch_size=256, critic_steps=50, actor_steps=3, warmup_iters=20,  # the paper's code: 50 critic / 3 actor steps
+        critic_lr=2e-5, actor_lr=1e-5,  # the paper's code: 2e-5 critic; actor 1e-5 (its 1e-6 on this game barely moves)
+        eval_every=10),
+}
+
+
+def preset(args: Args):
+    """(name, settings) of the preset for this actor and game, the game's entry over its actor's."""
+    kind = "tiny" if args.model == "tiny" else "pretrained"
+    game = {} if kind == "pretrained" else PRESETS.get((kind, args.env), {})
+    return f"{kind} actor" + (f" on {args.env}" if game else ""), {**PRESETS["tiny", "*"], **PRESETS[kind, "*"], **game}
+
+
+def settle(args: Args, saved: dict = None):
+    """The run's settings: every preset field left unset (None) takes the checkpoint's value (`saved`, on --resume
+    or --eval-only) or its preset's. Prints where they came from; a given flag that would change what a resumed
+    run means is refused (only --iterations, --eval-every and --gen-batch-size may change)."""
+    name, values = ("the checkpoint's", saved) if saved else preset(args)
+    given = {k: getattr(args, k) for k in PRESETS["tiny", "*"] if getattr(args, k) is not None}
+    for k, v in given.items():
+        if saved and k not in ("iterations", "eval_every", "gen_batch_size") and saved.get(k, v) != v:
+            flag = "--" + k.replace("_", "-")
+            fail(f"the run in {args.out} has {flag} {saved[k]}, not {v}; resume it without {flag} (it keeps its own settings)")
+    args = dataclasses.replace(args, **{k: values[k] for k in PRESETS["tiny", "*"] if k not in given})
+    changed = [f"{k.replace('_', '-')} {values[k]}" for k in PRESETS["tiny", "*"]
+               if not saved and values[k] != PRESETS["tiny", "*"][k] and k not in given]
+    print(f"settings: {name}" + (f" preset ({', '.join(changed)}; the rest as the quick start)" if changed else
+                                 "" if saved else " preset (the quick start's)")
+          + (" | given: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()) if given else ""))
+    return args
+
+
 def parse_args(argv=None, cls=Args):
-    """The flags as an Args (runtime.py turns every field into --field-name)."""
-    return runtime.parse_args(argv, cls, __doc__.split("\n")[0])
+    """The flags as an Args (runtime.py turns every field into --field-name); --help names each preset's values."""
+    notes = {k: "preset: " + ", ".join(f"{p[k]} ({a}{'' if g == '*' else ' on ' + g})" for (a, g), p in PRESETS.items() if k in p)
+             for k in PRESETS["tiny", "*"]}
+    return runtime.parse_args(argv, cls, __doc__.split("\n")[0], notes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,10 +298,10 @@ class Critic(nn.Module):
 
     def token_ids(self, texts):
         """Each text's token ids, cached: buffered texts are drawn again and again, and tokenizing them at
-        every step cost a tenth of a critic step. The cache is emptied at 200,000 texts to bound its memory."""
+        every step cost a tenth of a critic step. The cache is emptied at 50,000 texts to bound its memory."""
         new = [t for t in dict.fromkeys(texts) if t not in self.ids_cache]
         if new:
-            if len(self.ids_cache) + len(new) > 200_000:
+            if len(self.ids_cache) + len(new) > 50_000:
                 self.ids_cache.clear()
                 new = list(dict.fromkeys(texts))
             self.ids_cache.update(zip(new, self.tok(new, truncation=True, max_length=self.max_len)["input_ids"]))
@@ -667,6 +719,7 @@ class Run:
         self.ckpt_path, self.best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best.pt")
         self.rank_path = os.path.join(args.out, f"rank{self.rank}.pt")  # ranks > 0: their own buffer and random states
         ck = open_run_dir(args, rule.name, self.ckpt_path, self.rank_path, self.n_ranks, dev)  # None for a new run
+        self.args = args = settle(args, ck and ck["args"])  # the flags left unset, from the preset or the checkpoint
         seed_everything(args.seed)  # the same on every rank: the replicas start identical
         self.rng, self.dev = random.Random(args.seed + self.rank), dev  # the trainer's own stream: secrets, buffer samples
         # The fixed evaluation set: every secret once, or --eval-games seeds no training game uses.
@@ -800,6 +853,7 @@ def train(args: Args, game=None, rule=None):
     (any object following envs.py's protocol; args.env then only names it in the checkpoint). Returns (policy,
     critic, metric dicts, one per iteration). From Python: `archer.train(archer.Args(out="runs/mine"), game=MyGame())`."""
     run = Run(args, game, rule or ArCHer())
+    args = run.args  # the settings resolved: the flags given, the rest from the preset or the checkpoint
     if args.eval_only:
         return evaluate_only(run)
     if args.resume:  # the metrics file may hold iterations past the checkpoint: rewrite it from the log

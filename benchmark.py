@@ -8,7 +8,7 @@ installed, one learning-curve PNG per game:
     python benchmark.py                                   # 3 seeds, both Twenty Questions games
     python benchmark.py --games twentyq_subset --env-steps 5000 --seeds 1 -- --bc-steps 300
 
-Flags after `--` go to every run unchanged (and override GAME_FLAGS and ALGO_FLAGS). The question it
+Flags after `--` go to every run unchanged (and override ALGO_FLAGS and archer.py's presets). The question it
 answers is the paper's headline: how many environment steps does each learning rule need to
 play well? Steps, not seconds: so ArCHer runs with the paper's 50 critic steps per iteration
 (archer.py's default of 20 keeps its quick start short; more critic steps per environment
@@ -27,8 +27,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ALGOS = ("archer", "filtered_bc", "reinforce", "chai")
 # the paper's critic updates per iteration, for both rules that train ArCHer's critic
 ALGO_FLAGS = {"archer": ["--critic-steps", "50"], "chai": ["--critic-steps", "50"]}
-# a longer warm start where the demonstrator is harder to clone (157 objects, 91 cities): 600 steps leave it half-learnt
-GAME_FLAGS = {"twentyq": ["--bc-steps", "3000"], "guess_my_city": ["--bc-steps", "3000"]}
 
 
 def run_dir(out, game, algo, seed):
@@ -50,7 +48,7 @@ def run(game, algo, seed, args, extra):
     path = run_dir(args.out, game, algo, seed)
     # A run kept from an earlier benchmark counts only if it was asked for with the same settings
     # (a larger --env-steps may extend it; a moved --out may hold it).
-    flags, asked = [*GAME_FLAGS.get(game, []), *ALGO_FLAGS.get(algo, []), *extra], os.path.join(path, "flags.json")
+    flags, asked = [*ALGO_FLAGS.get(algo, []), *extra], os.path.join(path, "flags.json")
     before = json.load(open(asked)) if os.path.exists(asked) else flags
     if before != flags:
         sys.exit(f"error: {path} was run with other archer.py flags ({' '.join(before) or 'none'}); "

@@ -15,15 +15,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-def parse_args(argv, cls, description: str):
-    """Turn a config dataclass into argparse flags (--field-name); booleans become store_true switches."""
+def parse_args(argv, cls, description: str, notes: dict = None):
+    """Turn a config dataclass into argparse flags (--field-name); booleans become store_true switches. Every
+    flag's help ends with its default, or with notes[field] for a field whose default (None) a preset sets."""
     p = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+            note = (notes or {}).get(f.name) if f.default is None else f"default: {f.default!r}".replace("%", "%%")
+            p.add_argument(flag, type=f.type, default=f.default, help=f"{f.metadata['help']} ({note})")
     p.error = fail  # a mistyped flag is one line and exit status 2, like every other user mistake
     return cls(**vars(p.parse_args(argv)))
 
@@ -78,16 +80,17 @@ def set_rng_states(st, rng: random.Random):
 
 
 def check_args(args):
-    """Impossible settings fail at once, in one line, before anything is built or written."""
+    """Impossible settings fail at once, in one line, before anything is built or written (a field still None
+    waits for its preset, which is valid)."""
     for name in ("games", "batch_size", "buffer_size", "max_new_tokens", "eval_every", "save_every", "bc_games"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     for name in ("iterations", "bc_steps", "critic_steps", "actor_steps", "warmup_iters", "max_env_steps",
                  "gen_batch_size", "lora_rank", "kl_coef"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} cannot be negative (got {getattr(args, name)})")
     for name in ("bc_lr", "critic_lr", "actor_lr", "grad_clip", "temperature"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         fail(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
@@ -111,7 +114,7 @@ def load_checkpoint(path, args, algo: str, dev):
              "best.pt beside it holds the best evaluated state, or start a new run in another --out")
     saved = ck.get("args", {}) if isinstance(ck, dict) else {}
     for key, value in (("env", args.env), ("model", args.model), ("critic", args.critic), ("algo", algo)):
-        if saved.get(key, "archer" if key == "algo" else None) != value:
+        if value is not None and saved.get(key, "archer" if key == "algo" else None) != value:
             fail(f"{path} is a run with --{key} {saved.get(key, 'archer')}, not {value}; "
                  f"resume it with the same flags or use another --out")
     return ck

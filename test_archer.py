@@ -48,7 +48,7 @@ def test_archer_learns_on_the_subset_without_collapsing(tmp_path):
     its = [m for m in log if m["iteration"] >= 0]
     assert max(m["invalid"] for m in its) <= 0.05, [round(m["invalid"], 3) for m in its]
     assert min(m["logp"] for m in its) >= 2 * its[0]["logp"], [round(m["logp"], 2) for m in its]
-    warm = [m["train_return"] for m in its[: args.warmup_iters]]
+    warm = [m["train_return"] for m in its[: archer.PRESETS["tiny", "*"]["warmup_iters"]]]
     last = [m["train_return"] for m in its[-10:]]
     assert len(warm) == len(last) == 10
     assert sum(last) / 10 >= sum(warm) / 10 + 2.5, (warm, last)
@@ -574,6 +574,30 @@ def test_advantage_and_actor_loss_by_hand():
     assert archer.actor_loss(logp, adv).item() == pytest.approx(-(a_norm * logp).mean().item(), rel=1e-5)
 
 
+def test_the_kl_penalty_pulls_the_actor_back_to_the_warm_started_one(tmp_path):
+    """The actor's regularizer: its reference is the actor as cloned (not the fresh model, not a later copy),
+    and with advantages that carry no preference its gradient step moves the actor towards that reference
+    (a penalty with the wrong sign would push it away)."""
+    run = small_run(tmp_path, "--kl-coef", "1.0", "--actor-lr", "1e-2")
+    fresh = {k: v.clone() for k, v in run.policy.model.state_dict().items()}
+    archer.warm_start(run)
+    cloned = run.policy.model.state_dict()
+    assert all(torch.equal(run.reference.state_dict()[k], v) for k, v in cloned.items())
+    assert any(not torch.equal(fresh[k], v) for k, v in cloned.items())  # cloning moved the actor
+    with torch.no_grad():  # the actor drifts away from its reference
+        for p in run.policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    states = run.buffer.sample(16, random.Random(0))[0]
+    _, ids, _ = run.policy.generate(states, 1.0)
+    kls = []
+    for _ in range(3):
+        loss, kl = archer.policy_gradient_loss(run, states, ids, torch.zeros(len(states)))  # no preference
+        assert kl > 0 and loss.item() == pytest.approx(run.args.kl_coef * kl, rel=1e-4)
+        archer.clipped_step(run.actor_opt, run.policy.model.parameters(), loss, run.args.grad_clip)
+        kls.append(kl)
+    assert kls[2] < kls[1] < kls[0]
+
+
 def test_polyak_by_hand():
     online, target = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():
@@ -794,7 +818,7 @@ def test_local_model_directory_loads_through_from_pretrained(tmp_path):
     loaded, ltok = archer.load_actor(str(tmp_path / "actor"), None)
     assert type(loaded) is type(model) and len(ltok) == len(tok)
     r = run_archer("--env", "twentyq_subset", "--iterations", "1", "--out", str(tmp_path / "run"),
-                   "--model", str(tmp_path / "actor"), *QUICK)
+                   "--model", str(tmp_path / "actor"), "--critic", "tiny", *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_archer("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run2"), *QUICK)
     assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
@@ -894,13 +918,54 @@ def test_models_of_the_wrong_kind_or_out_of_reach_are_clear_errors(hub_dirs, tmp
     assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "c")
 
 
-def test_gpu_recipe_uses_only_flags_archer_knows():
+def test_gpu_recipe_is_the_bare_paper_command():
+    """train_gpt2_twentyq.sh runs `python archer.py --env twentyq --model gpt2 ...` and nothing else, so it
+    cannot drift from the preset; the command resolves to the paper's settings."""
     text = open(os.path.join(HERE, "train_gpt2_twentyq.sh")).read()
-    lines = text.split("python archer.py \\\n")[1].split('"$@"')[0].split("\\\n")
-    flags = [x for line in lines for x in line.split()]
-    args = archer.parse_args(flags)  # an unknown flag or a bad value exits with status 2
-    assert (args.env, args.model, args.critic, args.dtype) == ("twentyq", "gpt2", "roberta-base", "auto")
-    assert len(flags) > 30 and all(line.strip().startswith("--") for line in lines if line.strip())
+    commands = [line for line in text.splitlines() if line.startswith("python")]
+    assert commands == ['python archer.py --env twentyq --model gpt2 --critic roberta-base "$@"']
+    args = archer.settle(archer.parse_args(commands[0].split()[2:-1]))
+    assert (args.env, args.model, args.critic, args.games, args.critic_steps, args.critic_lr) == \
+        ("twentyq", "gpt2", "roberta-base", 128, 50, 2e-5)
+
+
+def test_presets_follow_the_actor_and_the_game_and_a_given_flag_wins(hub_dirs):
+    settle = lambda *argv: archer.settle(archer.parse_args(list(argv)))
+    quick = settle()  # the tiny actor on the quick start's game: the CPU defaults
+    assert (quick.critic, quick.bc_steps, quick.iterations, quick.games, quick.actor_lr) == ("tiny", 600, 60, 32, 1e-4)
+    for game in ("twentyq", "guess_my_city"):  # the README's recipe for the large games
+        big = settle("--env", game)
+        assert (big.bc_steps, big.iterations, big.eval_every, big.games, big.critic) == (3000, 150, 25, 32, "tiny")
+    assert settle("--env", "examples.number_game:NumberGame").bc_steps == 600  # a user's game: the quick start
+    for env in ("twentyq", "twentyq_subset"):  # a pretrained actor, named or saved: the paper's settings
+        for model in ("gpt2", hub_dirs["gpt2"]):
+            paper = settle("--env", env, "--model", model)
+            assert (paper.critic, paper.games, paper.batch_size, paper.critic_steps, paper.actor_steps, paper.warmup_iters,
+                    paper.critic_lr, paper.actor_lr, paper.bc_lr, paper.max_new_tokens, paper.iterations) == \
+                ("roberta-base", 128, 256, 50, 3, 20, 2e-5, 1e-5, 1e-4, 32, 200)
+    mine = settle("--env", "twentyq", "--iterations", "60", "--model", "gpt2", "--critic", "tiny", "--games", "32")
+    assert (mine.iterations, mine.critic, mine.games, mine.critic_steps) == (60, "tiny", 32, 50)  # given beats preset
+    assert settle("--env", "twentyq", "--bc-steps", "600").bc_steps == 600  # even a value equal to another preset's
+    py = archer.settle(archer.Args(env="twentyq", iterations=7))  # from Python: a field left at None is preset
+    assert (py.iterations, py.bc_steps) == (7, 3000)
+    assert "tiny (tiny), roberta-base (pretrained)" in " ".join(
+        subprocess.run([sys.executable, "archer.py", "--help"], capture_output=True, text=True, cwd=HERE).stdout.split())
+
+
+def test_the_checkpoint_keeps_the_resolved_settings_and_resume_continues_with_them(hub_dirs, tmp_path):
+    out = str(tmp_path / "run")
+    r = run_archer("--env", "twentyq_subset", "--model", hub_dirs["gpt2"], "--critic", hub_dirs["bert"], "--out", out,
+                   "--iterations", "0", "--bc-games", "20", "--bc-steps", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pretrained actor preset" in r.stdout and "given: --critic" in r.stdout
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["args"]
+    assert (saved["games"], saved["batch_size"], saved["max_new_tokens"], saved["bc_steps"]) == (128, 256, 32, 2)
+    # resumed without those flags, the run keeps its own settings, not the tiny model's preset or defaults
+    args = archer.settle(archer.parse_args(["--out", out, "--resume", "--iterations", "3"]), saved)
+    assert (args.games, args.batch_size, args.critic, args.iterations) == (128, 256, hub_dirs["bert"], 3)
+    r = run_archer("--env", "twentyq_subset", "--model", hub_dirs["gpt2"], "--out", out, "--resume", "--iterations", "0",
+                   "--games", "8", "--device", "cpu")  # a setting that would change what the run means
+    assert r.returncode == 2 and "has --games 128, not 8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bf16_checkpointing_and_small_generation_batches_run_end_to_end(tmp_path):
@@ -1033,18 +1098,18 @@ def test_benchmark_runs_every_algorithm_and_writes_its_table(tmp_path, capsys):
 
 
 def test_benchmark_gives_the_large_games_a_longer_warm_start(tmp_path, monkeypatch):
-    """GAME_FLAGS reach the runs of their game only, and flags after -- still win (argparse keeps the last)."""
+    """The benchmark's runs take archer.py's presets (3000 cloning steps on the large games only), and
+    flags after -- still win."""
     import benchmark
     cmds = []
     monkeypatch.setattr(benchmark.subprocess, "run", lambda cmd: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     asked = benchmark.argparse.Namespace(out=str(tmp_path), env_steps=10, eval_every=1)
     for game in ("twentyq", "twentyq_subset"):
         benchmark.run(game, "archer", 1, asked, ["--actor-steps", "1"])
-    big, small = cmds
-    assert big[big.index("--bc-steps") + 1] == "3000" and "--bc-steps" not in small
-    assert archer.parse_args(big[2:]).bc_steps == 3000
+    big, small = (archer.settle(archer.parse_args(c[2:])) for c in cmds)
+    assert (big.bc_steps, small.bc_steps) == (3000, 600) and big.actor_steps == small.actor_steps == 1
     benchmark.run("guess_my_city", "archer", 1, asked, ["--bc-steps", "50"])
-    assert archer.parse_args(cmds[-1][2:]).bc_steps == 50
+    assert archer.settle(archer.parse_args(cmds[-1][2:])).bc_steps == 50
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional and not installed")
