@@ -100,6 +100,7 @@ class Args:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, per network"})
     eval_every: int = field(default=None, metadata={"help": "evaluate on the fixed evaluation set every N iterations"})
     eval_games: int = field(default=100, metadata={"help": "evaluation games for a game without a `secrets` list (seeded)"})
+    probe_states: int = field(default=8, metadata={"help": "states of the critic's ranking probe (16 rollouts per utterance), run at each evaluation (0: off)"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end, and on Ctrl-C)"})
 
 
@@ -111,8 +112,8 @@ PRESETS = {
         iterations=60, games=32, gen_batch_size=0, max_new_tokens=12,  # bank utterances are 1-2 tokens + stop
         batch_size=64, critic_steps=20, actor_steps=2, warmup_iters=10,  # more critic than actor steps, as the paper
         critic_lr=1e-3, actor_lr=1e-4, eval_every=10),  # actor lr 1e-4: larger ones collapsed into invalid text
-    # 157 objects / 91 cities: the fixed-order demonstrator takes ~3000 steps to clone (greedy 41% median, 0-1%
-    # after 600), and the critic ~150 iterations to find the best opening (README, full Twenty Questions).
+    # 157 objects / 91 cities: the 2-layer actor needs ~3000 steps to clone the fixed-order demonstrator (loss
+    # 0.008; greedy ~40%), and ArCHer ~150 iterations to find the best opening (README, full Twenty Questions).
     ("tiny", "twentyq"): dict(bc_steps=3000, iterations=150, eval_every=25),
     ("tiny", "guess_my_city"): dict(bc_steps=3000, iterations=150, eval_every=25),
     ("pretrained", "*"): dict(  # the paper's setting (GPT-2 actor, one GPU), after the paper and its code
@@ -187,10 +188,10 @@ class Policy:
         logits = logits.float().masked_fill(self.banned.to(logits.device), float("-inf"))
         return logits / max(temperature, 1e-6)
 
-    def encode(self, states):
-        """Left-padded prompt ids and mask, (B, P)."""
+    def encode(self, states, max_length: int = None):
+        """Left-padded prompt ids and mask, (B, P), cut to max_length tokens (at most max_prompt) from the left."""
         enc = self.tok(list(states), return_tensors="pt", padding=True, truncation=True,
-                       max_length=self.max_prompt, add_special_tokens=False)
+                       max_length=min(self.max_prompt, max_length or self.max_prompt), add_special_tokens=False)
         return enc.input_ids.to(self.model.device), enc.attention_mask.to(self.model.device)
 
     @torch.no_grad()
@@ -271,8 +272,9 @@ def sequence_logprobs(policy: Policy, prompt_ids, prompt_mask, action_ids, actio
 
 def utterance_logprobs(policy: Policy, states, ids, temperature: float, ref=None):
     """sequence_logprobs of the token ids that were sampled (list of (T_i,), as Policy.generate
-    gives them): the gradient is on exactly what the policy did, never on re-tokenized text. (B,)"""
-    pids, pmask = policy.encode(states)
+    gives them): the gradient is on exactly what the policy did, never on re-tokenized text. (B,)
+    A prompt is cut as when sampling, or further if a longer utterance (a demonstrator's) would overflow the context."""
+    pids, pmask = policy.encode(states, policy.max_prompt + policy.max_new_tokens - max(len(x) for x in ids))
     aids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=policy.tok.pad_token_id)
     amask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
     return sequence_logprobs(policy, pids, pmask, aids.to(pids.device), amask.to(pids.device), temperature, ref)
@@ -380,11 +382,12 @@ class ReplayBuffer:
 
 # ----------------------------------------------------------------------------------------
 # Rollouts: many games at once, one batched sampling call per turn; finished games drop out.
-def play(agent, games, draws, temperature=1.0, greedy=False):
+def play(agent, games, draws, temperature=1.0, greedy=False, states=None):
     """Play len(games) games to the end, one batched generation per turn (agent: a Policy, or anything
-    with its generate()). Returns per game an envs.Episode of transitions (state, utterance, reward,
-    next_state, done), its utterances' sampled ids ((T_i,), stop included) and their log-probs."""
-    states = envs.reset_all(games, draws)
+    with its generate()); with `states`, games already under way are played on from there, without a reset.
+    Returns per game an envs.Episode of transitions (state, utterance, reward, next_state, done), its
+    utterances' sampled ids ((T_i,), stop included) and their log-probs."""
+    states = list(states) if states is not None else envs.reset_all(games, draws)
     trajs, ids, logps = [envs.Episode() for _ in games], [[] for _ in games], [[] for _ in games]
     live = list(range(len(games)))
     while live:
@@ -588,6 +591,61 @@ def evaluate(agent, games, draws, seed: int, temperature: float):
             "eval_sampled_success": sampled["success"], "eval_sampled_return": sampled["return"]}, greedy_games
 
 
+def probe_set(run, n: int):
+    """The ranking probe's fixed states: one random turn (not the last) of each of n demonstrator games, with
+    the utterances that led to it; none for a game without a demonstrator or a `secrets` list."""
+    if not (n and run.secrets and hasattr(run.game, "demonstrator")):
+        return []
+    rng, demos = random.Random(run.args.seed + 3), envs.demonstrations(run.fresh(run.args.seed + 3), n, run.args.seed + 3)
+    turns = [rng.randrange(len(d) - 1) for d in demos if len(d) > 1]
+    return [(d[t][0], [tr[1] for tr in d[:t]]) for d, t in zip([d for d in demos if len(d) > 1], turns)]
+
+
+def replay(game, secret, utterances):
+    """Reset `game` to `secret` and say `utterances`: the state reached, None if the game ended on the way."""
+    state = game.reset(secret=secret)
+    for u in utterances:
+        state, _, done = game.step(u)
+        if done:
+            return None
+    return state
+
+
+@torch.no_grad()
+def probe_values(run, rollouts: int):
+    """For each probe state, up to 4 different utterances of the current agent, and each one's value under the
+    current agent estimated by `rollouts` Monte Carlo games from that state (their secrets taken in turn from
+    those consistent with the dialogue): ((state, utterance) keys, mean values (K,), squared standard errors (K,))."""
+    args, keys, games, starts, first = run.args, [], [], [], []  # first: (reward, done) of the utterance tried
+    for state, prefix in run.probe:
+        consistent = [x for x in run.secrets if replay(copy.deepcopy(run.game), x, prefix) == state]
+        for u in dict.fromkeys(run.agent.generate([state] * 4, args.temperature)[0]):  # distinct, in order
+            keys.append((state, u))
+            for r in range(rollouts):
+                games.append(copy.deepcopy(run.game))
+                replay(games[-1], consistent[r % len(consistent)], prefix)
+                nxt, reward, done = games[-1].step(u)
+                first.append((reward, done))
+                starts.append(nxt)
+    go = [i for i, (_, done) in enumerate(first) if not done]
+    rest = play(run.agent, [games[i] for i in go], None, args.temperature, states=[starts[i] for i in go])[0]
+    later = dict(zip(go, [sum(args.gamma ** t * tr[2] for t, tr in enumerate(ep)) for ep in rest]))
+    g = torch.tensor([r + args.gamma * later.get(i, 0.0) for i, (r, _) in enumerate(first)]).view(len(keys), rollouts)
+    return keys, g.mean(1), g.var(1) / rollouts
+
+
+def ranking_accuracy(run, rollouts: int = 16):
+    """Does the critic rank utterances on one state as their true values do? Over the pairs of probe utterances on
+    the same state whose Monte Carlo values differ by more than twice their standard error, the share that
+    min(Q1, Q2) orders the same way: (that share or None, the number of such pairs)."""
+    keys, mean, se2 = probe_values(run, rollouts)
+    with torch.no_grad():
+        q = torch.minimum(*run.critic.q(*zip(*keys))).cpu() if keys else torch.zeros(0)
+    agree = [bool((q[i] - q[j]) * (mean[i] - mean[j]) > 0) for i in range(len(keys)) for j in range(i + 1, len(keys))
+             if keys[i][0] == keys[j][0] and (mean[i] - mean[j]).abs() > 2 * (se2[i] + se2[j]).sqrt()]
+    return (sum(agree) / len(agree) if agree else None), len(agree)
+
+
 def evaluate_only(run):
     """--eval-only: the checkpoint's agent on the fixed set; --show N prints N greedy dialogues."""
     ev, shown = evaluate(run.agent, run.eval_games, run.eval_draws, run.args.seed, run.args.temperature)
@@ -670,6 +728,21 @@ def behaviour_clone(policy: Policy, demos, args: Args, rng: random.Random):
     return None if loss is None else loss.item()
 
 
+@torch.no_grad()
+def cloning_gap(policy: Policy, turns, batch_size: int):
+    """How far the clone is from the demonstrator, in nats per turn: the mean over the probe turns of
+    KL(demonstrator || clone) = sum_u p(u | s) (log p(u | s) - log pi(u + stop | s)), the clone's cross-entropy
+    on the demonstrator's choices minus the demonstrator's own entropy, exact over its choices (turns:
+    envs.demonstrator_turns). 0 is a perfect clone; a clone that ignores the answers stays well above it."""
+    rows = [(s, u, p) for s, probs in turns for u, p in probs.items() if p > 0]
+    stop = policy.tok(policy.stop_text, add_special_tokens=False).input_ids[-1]
+    ids = [torch.tensor(x + [stop]) for x in policy.tok([u for _, u, _ in rows], add_special_tokens=False).input_ids]
+    logpi = torch.cat([utterance_logprobs(policy, [r[0] for r in rows[k: k + batch_size]], ids[k: k + batch_size], 1.0)
+                       for k in range(0, len(rows), batch_size)]).cpu()
+    p = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+    return float((p * (p.log() - logpi.double())).sum()) / len(turns)
+
+
 def warm_start(run):
     """Clone the demonstrator and seed the buffer with its dialogues (the critic's first targets come
     from real, if suboptimal, play); evaluate; checkpoint, so a stopped run resumes after the warm start."""
@@ -685,12 +758,15 @@ def warm_start(run):
             run.critic.start_pessimistic(r_min * (1 - args.gamma ** turns if turns else 1) / (1 - args.gamma))
             run.target.load_state_dict(run.critic.state_dict())
         warm["bc_loss"] = behaviour_clone(run.policy, demos, args, run.rng)
+        probe = envs.demonstrator_turns(run.fresh(args.seed + 2), 20, args.seed + 2)  # turns no cloning step saw
+        warm["cloning_gap"] = cloning_gap(run.policy, probe, args.batch_size) if probe else None
         if run.reference is not None:  # the KL penalty's anchor: the warm-started actor
             run.reference.load_state_dict(run.policy.model.state_dict())
         demo = summarize(demos)
         warm.update(demo_return=demo["return"], demo_success=demo["success"])
         bc = "none" if warm["bc_loss"] is None else f"{warm['bc_loss']:.3f}"
-        print(f"warm start: bc_loss {bc} | demonstrator success {demo['success']:.0%} return {demo['return']:.2f}", end=" | ")
+        gap = "" if warm["cloning_gap"] is None else f" cloning gap {warm['cloning_gap']:.2f} nats/turn"
+        print(f"warm start: bc_loss {bc}{gap} | demonstrator success {demo['success']:.0%} return {demo['return']:.2f}", end=" | ")
     else:
         print("the game has no demonstrator: RL starts from the model as it is", end=" | ")
     warm.update(evaluate(run.agent, run.eval_games, run.eval_draws, args.seed, args.temperature)[0], seconds=time.time() - t0)
@@ -749,6 +825,7 @@ class Run:
         # --kl-coef: a frozen copy of the actor, set to the warm-started one after cloning
         self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False) if args.kl_coef > 0 and rule.uses_kl else None
         self.agent = rule.agent(self)
+        self.probe = probe_set(self, args.probe_states) if rule.uses_critic else []  # (state, utterances before it)
         os.makedirs(args.out, exist_ok=True)
         self.buffer, self.log, self.extra = ReplayBuffer(args.buffer_size), [], {}  # extra: a rule's own state
         self.start_it, self.env_steps, self.best, self.skipped = 0, 0, None, 0  # best: (greedy success, return)
@@ -831,6 +908,12 @@ def end_iteration(run, it: int, m: dict, t0: float) -> bool:
     if (it + 1) % args.eval_every == 0 or last:
         m.update(evaluate(run.agent, run.eval_games, run.eval_draws, args.seed, args.temperature)[0])
         run.best = max(run.best, (m["eval_success"], m["eval_return"]))
+        if run.probe:  # under its own seeded random state, as evaluate
+            t = time.time()
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                torch.manual_seed(args.seed)
+                m["ranking_accuracy"], m["ranking_pairs"] = ranking_accuracy(run)
+            m["ranking_seconds"] = time.time() - t
     m["skipped_updates"], m["seconds"], run.skipped = run.skipped, time.time() - t0, 0
     if run.dev.type == "cuda":  # the iteration's peak, then reset for the next one
         m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(run.dev) / 2**30
@@ -844,6 +927,8 @@ def end_iteration(run, it: int, m: dict, t0: float) -> bool:
         line += f" | critic {m['critic_loss']:.3f} fit {m['critic_fit']:5.2f} q {m['q_mean']:6.2f} v {m['v_mean']:6.2f}"
     if "eval_success" in m:
         line += f" | eval greedy {m['eval_success']:4.0%} {m['eval_return']:6.2f} sampled {m['eval_sampled_success']:4.0%}"
+        if m.get("ranking_accuracy") is not None:
+            line += f" rank {m['ranking_accuracy']:.0%} of {m['ranking_pairs']} ({m['ranking_seconds']:.0f}s)"
     tqdm.write(line + f" | {m['seconds']:.1f}s" + (f" | gpu {m['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in m else ""))
     return last
 

@@ -215,6 +215,37 @@ class KnowledgeGame:
             return rng.choice([q for e, q in splits if e == low])
         return rng.choice(splits)[1]
 
+    def demonstrator_probs(self) -> dict:
+        """The demonstrator's choice in this state as {utterance: probability}, the distribution that
+        demonstrator(rng) draws from (a test checks that they agree): a clone's distance to it, the
+        cloning gap, can then be computed exactly."""
+        alive, probs = self.consistent(), {}
+        asked = {what for kind, what, _ in self.history if kind == "question"}
+
+        def add(utterances, p):
+            for u in utterances:
+                probs[u] = probs.get(u, 0.0) + p / len(utterances)
+        guesses = [self.guess_format(s) for s in alive]
+        if self.orders:
+            if len(alive) == 1:
+                return {guesses[0]: 1.0}
+            started = [o for o in self.orders if self.history and self.history[0][1] == o[0]]
+            splitting = {q for _, q in self._splits(alive)}
+            for order in started[:1] or self.orders:
+                ask = [q for q in order if q not in asked and q in splitting]
+                add(ask[:1] or guesses, 1.0 if started else 1 / len(self.orders))
+            return probs
+        fresh = [q for q in self.questions[: len(self.questions) - len(self.secrets)] if q not in asked]
+        splits = self._splits(alive)
+        if len(alive) == 1 or not fresh or not splits:
+            add(guesses, 1.0)
+            return probs
+        low = min(e for e, _ in splits)
+        add(guesses, self.p_guess)
+        add(fresh, (1 - self.p_guess) * self.p_random)
+        add([q for e, q in splits if e == low or not self.least_informative], (1 - self.p_guess) * (1 - self.p_random))
+        return probs
+
     def reference(self, rng: random.Random = None) -> str:
         """Greedy information gain: the question whose answers split the possible secrets most
         evenly (first in bank order on ties); guess once two or fewer remain. Deterministic:
@@ -447,6 +478,15 @@ def demonstrations(game, n: int, seed: int):
     if not hasattr(game, "demonstrator"):
         return []
     return [play(game, lambda g: g.demonstrator(rng)) for _ in range(n)]
+
+
+def demonstrator_turns(game, n: int, seed: int):
+    """(state, the demonstrator's choice distribution there) for every turn of n demonstrator dialogues."""
+    rng, out = random.Random(seed), []
+    if hasattr(game, "demonstrator_probs"):
+        for _ in range(n):
+            play(game, lambda g: out.append((g.state, g.demonstrator_probs())) or g.demonstrator(rng))
+    return out
 
 
 def evaluate_player(env, policy):

@@ -1,4 +1,5 @@
 """Tests: the learning test, the games (envs.py), then the trainer (archer.py). Run: python -m pytest -q -n 2 test_archer.py"""
+import collections
 import copy
 import csv
 import importlib.util
@@ -253,6 +254,23 @@ def test_possible_secrets_kept_per_game_match_the_whole_history():
         assert env.consistent() == before != twin.consistent()  # a copy narrows its own list
 
 
+def test_demonstrator_probs_is_what_the_demonstrator_draws_from():
+    """demonstrator_probs() (the cloning gap's reference) against 3000 draws of demonstrator() in the same
+    state: the same support, and each frequency within 0.03 of its probability."""
+    for name in envs.ENV_NAMES:
+        env, rng = envs.make_env(name, seed=2), random.Random(2)
+        for k in range(4):
+            env.reset(env.secrets[k])
+            for _ in range(k + (name == "twentyq")):  # states deeper into the dialogue
+                if not env.step(env.demonstrator(rng))[2]:
+                    continue
+                env.reset(env.secrets[k])  # won already: the opening state instead
+                break
+            probs, draws = env.demonstrator_probs(), collections.Counter(env.demonstrator(rng) for _ in range(3000))
+            assert sum(probs.values()) == pytest.approx(1.0) and set(draws) <= set(probs)
+            assert all(abs(draws[u] / 3000 - p) < 0.03 for u, p in probs.items()), (name, k)
+
+
 def test_twentyq_demonstrator_follows_one_fixed_order(tq):
     """Full Twenty Questions' demonstrator: per dialogue one of its fixed orders, picked at random,
     skipping only questions that no longer split the possible objects; a guess once one is left."""
@@ -313,7 +331,8 @@ def test_cli_demo_plays_to_the_end():
 # Small budgets shared by the subprocess runs: a few seconds of warm start, short games, short
 # utterances (a barely cloned policy's run on to --max-new-tokens, and decoding is most of a run's time).
 QUICK = ["--bc-games", "200", "--bc-steps", "20", "--games", "8", "--critic-steps", "2", "--actor-steps", "1",
-         "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--max-new-tokens", "3", "--device", "cpu"]
+         "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--max-new-tokens", "3", "--device", "cpu",
+         "--probe-states", "2"]
 
 
 def test_cli_unknown_secret_is_a_clear_error():
@@ -468,6 +487,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_cloning_gap_by_hand(policy):
+    """The mean over turns of sum_u p(u | s) (log p(u | s) - log pi(u + newline | s)), each utterance scored alone."""
+    turns = envs.demonstrator_turns(envs.make_env("twentyq_subset", 0), 2, 0)
+    assert len(turns) > 2 and all(len(p) > 1 for _, p in turns[:-1])  # the subset's demonstrator has choices
+    total = 0.0
+    for s, probs in turns:
+        pids, pmask = policy.encode([s])
+        for u, p in probs.items():
+            enc = policy.tok([u + "\n"], return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                total += p * (math.log(p) - archer.sequence_logprobs(policy, pids, pmask, enc.input_ids, enc.attention_mask).item())
+    gap = archer.cloning_gap(policy, turns, batch_size=7)
+    assert gap > 0 and gap == pytest.approx(total / len(turns), rel=1e-4)
 
 
 def test_kl_to_the_reference_by_hand(policy):
@@ -746,6 +780,41 @@ def test_the_critics_batched_passes_equal_one_pass_per_head(tmp_path):
     assert grads[0][1].abs().sum() > 0 and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
 
 
+class ScriptedAgent:
+    """Says "Is it a dog?" in every game; asked for 4 utterances on the opening state, offers three."""
+
+    def generate(self, states, temperature=1.0, greedy=False):
+        texts = (["Is it a dog?", "Is it a pen?", "Is it a cat?", "Is it a dog?"] if states == ["Questions:\n"] * 4
+                 else ["Is it a dog?"] * len(states))
+        return texts, [torch.zeros(1, dtype=torch.long) for _ in texts], torch.zeros(len(texts))
+
+
+def test_probe_values_by_hand(tmp_path):
+    """Monte Carlo values from the opening state of the subset, 10 rollouts (each secret once), the agent then
+    asking "Is it a dog?" to the end: a right first guess is worth 0; otherwise -1, then 0 if the secret is the
+    dog (won on the next turn), else -1 on each of the 19 turns left."""
+    run = small_run(tmp_path)
+    run.probe, run.agent, g = [("Questions:\n", [])], ScriptedAgent(), run.args.gamma
+    keys, mean, se2 = archer.probe_values(run, rollouts=10)
+    lost = -1 - g * sum(g ** t for t in range(19))
+    assert keys == [("Questions:\n", u) for u in ("Is it a dog?", "Is it a pen?", "Is it a cat?")]  # "cat": invalid
+    expected = [9 * lost / 10, (-1 + 8 * lost) / 10, (-1 + 9 * lost) / 10]
+    assert mean.tolist() == pytest.approx(expected, rel=1e-5)
+    assert se2[0].item() == pytest.approx(torch.tensor([0.0] + [lost] * 9).var().item() / 10, rel=1e-5)
+    won, lost = (archer.replay(copy.deepcopy(run.game), x, ["Is it a dog?"]) for x in ("dog", "pen"))
+    assert won is None and lost == "Questions:\nIs it a dog? No.\n"  # a replay that ends the game reaches no state
+
+
+def test_ranking_accuracy_counts_clear_pairs_on_the_same_state(tmp_path, monkeypatch):
+    run = small_run(tmp_path)
+    keys = [("s1", "a"), ("s1", "b"), ("s1", "c"), ("s2", "d"), ("s2", "e")]
+    mean = torch.tensor([0.0, -5.0, -5.1, -1.0, -3.0])  # clear (2 standard errors = 1.41): a-b, a-c, d-e; not b-c
+    monkeypatch.setattr(archer, "probe_values", lambda run, rollouts: (keys, mean, torch.full((5,), 0.25)))
+    q = {"a": 1.0, "b": 2.0, "c": 0.0, "d": 5.0, "e": 1.0}  # a-b in the wrong order, a-c and d-e right
+    run.critic = FakeCritic(q=([q[k] for _, k in keys], [q[k] + 1 for _, k in keys]), v=([], []))
+    assert archer.ranking_accuracy(run) == (pytest.approx(2 / 3), 3)
+
+
 def test_no_behaviour_cloning_steps_still_seeds_the_buffer_and_runs(tmp_path):
     out = str(tmp_path / "run")
     r = run_archer("--iterations", "0", "--out", out, *QUICK, "--bc-steps", "0")
@@ -789,8 +858,9 @@ def test_run_resume_and_checkpoint(tmp_path):
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["iteration"] for m in rows] == [-1, 0, 1]
     for key in ("env_steps", "train_return", "critic_loss", "actor_loss", "q_mean", "v_mean", "advantage_mean",
-                "seconds", "eval_success", "eval_return", "eval_turns"):
+                "seconds", "eval_success", "eval_return", "eval_turns", "ranking_accuracy", "ranking_pairs", "ranking_seconds"):
         assert key in rows[-1], key
+    assert "cloning_gap" in rows[0] and rows[0]["cloning_gap"] > 0
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert ck["iteration"] == 1 and len(ck["buffer"]) > 0
     r = run_archer("--env", "twentyq_subset", "--iterations", "3", "--out", out, "--resume", *QUICK)
@@ -1134,7 +1204,7 @@ def test_benchmark_training_games_average_the_last_iterations_only():
 
 def metrics_without_times(out):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+    return [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in rows]
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
