@@ -24,8 +24,9 @@ Deliberate deviations from the paper and its reference code (each explained wher
      question loses probability under noisy advantages and utterances run on into invalid text (a collapse).
   10. Behaviour cloning scores whole dialogues in one pass each (teacher forcing), every turn for the cost of one.
 
-Quick start (CPU, no download):   python archer.py --env twentyq_subset
-Paper setting (GPU):              bash train_gpt2_twentyq.sh   (GPT-2 actor, roberta-base critic)
+Quick start (CPU, no download):   python archer.py --env twentyq_subset      (flags left unset: see PRESETS)
+Full Twenty Questions (CPU):      python archer.py --env twentyq
+Paper setting (GPU):              python archer.py --env twentyq --model gpt2   (roberta-base critic, the paper's settings)
 Your own game:                    python archer.py --env examples.number_game:NumberGame
 Data parallel:                    torchrun --standalone --nproc_per_node=2 archer.py --device cpu
 Baselines:                        python baselines.py --algo chai   (or filtered_bc, reinforce)

@@ -332,7 +332,8 @@ def test_cli_demo_plays_to_the_end():
 # utterances (a barely cloned policy's run on to --max-new-tokens, and decoding is most of a run's time).
 QUICK = ["--bc-games", "200", "--bc-steps", "20", "--games", "8", "--critic-steps", "2", "--actor-steps", "1",
          "--batch-size", "16", "--warmup-iters", "1", "--eval-every", "1", "--max-new-tokens", "3", "--device", "cpu",
-         "--probe-states", "2"]
+         "--probe-states", "0"]
+PROBE = ["--probe-states", "2"]  # the ranking probe (off in QUICK: it would run at every iteration's evaluation)
 
 
 def test_cli_unknown_secret_is_a_clear_error():
@@ -852,7 +853,7 @@ def test_replay_buffer_capacity_and_sampling():
 
 def test_run_resume_and_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    r = run_archer("--env", "twentyq_subset", "--iterations", "2", "--out", out, *QUICK)
+    r = run_archer("--env", "twentyq_subset", "--iterations", "2", "--out", out, *QUICK, *PROBE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "final evaluation" in r.stdout.strip().splitlines()[-1]
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
@@ -863,7 +864,7 @@ def test_run_resume_and_checkpoint(tmp_path):
     assert "cloning_gap" in rows[0] and rows[0]["cloning_gap"] > 0
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert ck["iteration"] == 1 and len(ck["buffer"]) > 0
-    r = run_archer("--env", "twentyq_subset", "--iterations", "3", "--out", out, "--resume", *QUICK)
+    r = run_archer("--env", "twentyq_subset", "--iterations", "3", "--out", out, "--resume", *QUICK, *PROBE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
@@ -1209,9 +1210,9 @@ def metrics_without_times(out):
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert run_archer("--iterations", "4", "--out", straight, *QUICK).returncode == 0
-    assert run_archer("--iterations", "2", "--out", split, *QUICK).returncode == 0
-    r = run_archer("--iterations", "4", "--out", split, "--resume", *QUICK)
+    assert run_archer("--iterations", "4", "--out", straight, *QUICK, *PROBE).returncode == 0
+    assert run_archer("--iterations", "2", "--out", split, *QUICK, *PROBE).returncode == 0
+    r = run_archer("--iterations", "4", "--out", split, "--resume", *QUICK, *PROBE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert metrics_without_times(split) == metrics_without_times(straight)
     assert len(metrics_without_times(split)) == 5  # warm start + 4 iterations, none twice
