@@ -140,14 +140,14 @@ def settle(args: Args, saved: dict = None):
     or --eval-only) or its preset's. Prints where they came from; a given flag that would change what a resumed
     run means is refused (only --iterations, --eval-every and --gen-batch-size may change)."""
     name, values = ("the checkpoint's", saved) if saved else preset(args)
-    given = {k: getattr(args, k) for k in PRESETS["tiny", "*"] if getattr(args, k) is not None}
+    base = PRESETS["tiny", "*"]  # every field a preset sets
+    given = {k: getattr(args, k) for k in base if getattr(args, k) is not None}
     for k, v in given.items():
         if saved and k not in ("iterations", "eval_every", "gen_batch_size") and saved.get(k, v) != v:
             flag = "--" + k.replace("_", "-")
             fail(f"the run in {args.out} has {flag} {saved[k]}, not {v}; resume it without {flag} (it keeps its own settings)")
-    args = dataclasses.replace(args, **{k: values[k] for k in PRESETS["tiny", "*"] if k not in given})
-    changed = [f"{k.replace('_', '-')} {values[k]}" for k in PRESETS["tiny", "*"]
-               if not saved and values[k] != PRESETS["tiny", "*"][k] and k not in given]
+    args = dataclasses.replace(args, **{k: values[k] for k in base if k not in given})
+    changed = [f"{k.replace('_', '-')} {values[k]}" for k in base if not saved and values[k] != base[k] and k not in given]
     print(f"settings: {name}" + (f" preset ({', '.join(changed)}; the rest as the quick start)" if changed else
                                  "" if saved else " preset (the quick start's)")
           + (" | given: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()) if given else ""))
@@ -178,6 +178,7 @@ class Policy:
         self.banned[[i for i in tok.all_special_ids if i < vocab]] = True  # (pad, eos, bos...)
         ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
         self.max_prompt = ctx - max_new_tokens  # room for the utterance inside the context window
+        self.stop_id = tok(stop, add_special_tokens=False).input_ids[-1]  # what cloning scores as an utterance's end
 
     def amp(self):
         """Autocast for a forward pass: bf16 matmuls, float32 weights and optimizer (--dtype)."""
@@ -598,8 +599,7 @@ def probe_set(run, n: int):
     if not (n and run.secrets and hasattr(run.game, "demonstrator")):
         return []
     rng, demos = random.Random(run.args.seed + 3), envs.demonstrations(run.fresh(run.args.seed + 3), n, run.args.seed + 3)
-    turns = [rng.randrange(len(d) - 1) for d in demos if len(d) > 1]
-    return [(d[t][0], [tr[1] for tr in d[:t]]) for d, t in zip([d for d in demos if len(d) > 1], turns)]
+    return [(d[t][0], [tr[1] for tr in d[:t]]) for d in demos if len(d) > 1 for t in [rng.randrange(len(d) - 1)]]
 
 
 def replay(game, secret, utterances):
@@ -619,12 +619,12 @@ def probe_values(run, rollouts: int):
     those consistent with the dialogue): ((state, utterance) keys, mean values (K,), squared standard errors (K,))."""
     args, keys, games, starts, first = run.args, [], [], [], []  # first: (reward, done) of the utterance tried
     for state, prefix in run.probe:
-        consistent = [x for x in run.secrets if replay(copy.deepcopy(run.game), x, prefix) == state]
+        replayed = [copy.deepcopy(run.game) for _ in run.secrets]
+        at = [g for g, x in zip(replayed, run.secrets) if replay(g, x, prefix) == state]  # the consistent secrets' games
         for u in dict.fromkeys(run.agent.generate([state] * 4, args.temperature)[0]):  # distinct, in order
             keys.append((state, u))
             for r in range(rollouts):
-                games.append(copy.deepcopy(run.game))
-                replay(games[-1], consistent[r % len(consistent)], prefix)
+                games.append(copy.deepcopy(at[r % len(at)]))
                 nxt, reward, done = games[-1].step(u)
                 first.append((reward, done))
                 starts.append(nxt)
@@ -676,7 +676,7 @@ def clone_sequences(policy: Policy, dialogues):
             pieces += ([s] if start else []) + [a, s2[len(s) + len(a):] if s2.startswith(s + a) else ""]
             start = not s2.startswith(s + a)
     toks = iter(policy.tok(pieces, add_special_tokens=False).input_ids if pieces else [])
-    stop, out = policy.tok(policy.stop_text, add_special_tokens=False).input_ids[-1], []
+    stop, out = policy.stop_id, []
     for d in dialogues:
         seqs, ids = [], None
         for s, a, _, s2, _ in d:
@@ -736,8 +736,7 @@ def cloning_gap(policy: Policy, turns, batch_size: int):
     on the demonstrator's choices minus the demonstrator's own entropy, exact over its choices (turns:
     envs.demonstrator_turns). 0 is a perfect clone; a clone that ignores the answers stays well above it."""
     rows = [(s, u, p) for s, probs in turns for u, p in probs.items() if p > 0]
-    stop = policy.tok(policy.stop_text, add_special_tokens=False).input_ids[-1]
-    ids = [torch.tensor(x + [stop]) for x in policy.tok([u for _, u, _ in rows], add_special_tokens=False).input_ids]
+    ids = [torch.tensor(x + [policy.stop_id]) for x in policy.tok([u for _, u, _ in rows], add_special_tokens=False).input_ids]
     logpi = torch.cat([utterance_logprobs(policy, [r[0] for r in rows[k: k + batch_size]], ids[k: k + batch_size], 1.0)
                        for k in range(0, len(rows), batch_size)]).cpu()
     p = torch.tensor([r[2] for r in rows], dtype=torch.float64)
