@@ -1003,11 +1003,11 @@ def test_gpu_recipe_is_the_bare_paper_command():
 def test_presets_follow_the_actor_and_the_game_and_a_given_flag_wins(hub_dirs):
     settle = lambda *argv: archer.settle(archer.parse_args(list(argv)))
     quick = settle()  # the tiny actor on the quick start's game: the CPU defaults
-    assert (quick.critic, quick.bc_steps, quick.iterations, quick.games, quick.actor_lr) == ("tiny", 600, 60, 32, 1e-4)
+    assert (quick.critic, quick.bc_steps, quick.iterations, quick.games, quick.actor_lr) == ("tiny", 1200, 60, 32, 1e-4)
     for game in ("twentyq", "guess_my_city"):  # the README's recipe for the large games
         big = settle("--env", game)
         assert (big.bc_steps, big.iterations, big.eval_every, big.games, big.critic) == (3000, 150, 25, 32, "tiny")
-    assert settle("--env", "examples.number_game:NumberGame").bc_steps == 600  # a user's game: the quick start
+    assert settle("--env", "examples.number_game:NumberGame").bc_steps == 1200  # a user's game: the quick start
     for env in ("twentyq", "twentyq_subset"):  # a pretrained actor, named or saved: the paper's settings
         for model in ("gpt2", hub_dirs["gpt2"]):
             paper = settle("--env", env, "--model", model)
@@ -1016,7 +1016,7 @@ def test_presets_follow_the_actor_and_the_game_and_a_given_flag_wins(hub_dirs):
                 ("roberta-base", 128, 256, 50, 3, 20, 2e-5, 1e-5, 1e-4, 32, 200)
     mine = settle("--env", "twentyq", "--iterations", "60", "--model", "gpt2", "--critic", "tiny", "--games", "32")
     assert (mine.iterations, mine.critic, mine.games, mine.critic_steps) == (60, "tiny", 32, 50)  # given beats preset
-    assert settle("--env", "twentyq", "--bc-steps", "600").bc_steps == 600  # even a value equal to another preset's
+    assert settle("--env", "twentyq", "--bc-steps", "1200").bc_steps == 1200  # even a value equal to another preset's
     py = archer.settle(archer.Args(env="twentyq", iterations=7))  # from Python: a field left at None is preset
     assert (py.iterations, py.bc_steps) == (7, 3000)
     assert "tiny (tiny), roberta-base (pretrained)" in " ".join(
@@ -1178,7 +1178,7 @@ def test_benchmark_gives_the_large_games_a_longer_warm_start(tmp_path, monkeypat
     for game in ("twentyq", "twentyq_subset"):
         benchmark.run(game, "archer", 1, asked, ["--actor-steps", "1"])
     big, small = (archer.settle(archer.parse_args(c[2:])) for c in cmds)
-    assert (big.bc_steps, small.bc_steps) == (3000, 600) and big.actor_steps == small.actor_steps == 1
+    assert (big.bc_steps, small.bc_steps) == (3000, 1200) and big.actor_steps == small.actor_steps == 1
     benchmark.run("guess_my_city", "archer", 1, asked, ["--bc-steps", "50"])
     assert archer.settle(archer.parse_args(cmds[-1][2:])).bc_steps == 50
 
