@@ -36,8 +36,8 @@ def test_archer_learns_on_the_subset_without_collapsing(tmp_path):
     guards against reached 91%; and the sampled utterance's log-prob stays near the warm start's instead
     of running away), and after the critic's warm-up the policy's games get clearly better. The warm-up
     iterations (critic only, actor frozen) play the warm-started policy on 320 training games; the last
-    ten iterations play the trained one on as many. Measured under `pytest -n 2` (one thread): invalid at
-    most 3.6%, training return -14.99 in the warm-up, -11.54 over the last ten. Greedy success on the
+    ten iterations play the trained one on as many. Measured (one thread, 1200 cloning steps): invalid at
+    most 2.2%, training return -14.51 in the warm-up, -9.43 over the last ten. Greedy success on the
     fixed evaluation set is not asserted: it moves little (docs/results.md)."""
     args = archer.Args(env="twentyq_subset", seed=1, out=str(tmp_path), device="cpu", iterations=50)
     threads = torch.get_num_threads()
