@@ -54,7 +54,7 @@ import envs
 import runtime
 from models import ModelError, export, load_actor, load_critic_encoder, with_lora
 from runtime import (all_sum, check_args, device_and_world, fail, open_run_dir, rng_states, save_checkpoint,
-                     seed_everything, set_rng_states, stop_signals, world)
+                     seed_everything, seeded, set_rng_states, stop_signals, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -585,8 +585,7 @@ def evaluate(agent, games, draws, seed: int, temperature: float):
     seeded random state, restored after, so the training stream is untouched. Returns (metrics, greedy Episodes)."""
     rank, n = world()
     games, draws = games[rank::n], draws[rank::n]  # each rank plays its share; summarize adds them up
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(seed)  # reseeds the CPU and every GPU, all restored on leaving
+    with seeded(seed):
         greedy_games = play(agent, games, draws, greedy=True)[0]
         greedy = summarize(greedy_games)
         sampled = summarize(play(agent, games, draws, temperature)[0])
@@ -911,8 +910,7 @@ def end_iteration(run, it: int, m: dict, t0: float) -> bool:
         run.best = max(run.best, (m["eval_success"], m["eval_return"]))
         if run.probe:  # under its own seeded random state, as evaluate
             t = time.time()
-            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-                torch.manual_seed(args.seed)
+            with seeded(args.seed):
                 m["ranking_accuracy"], m["ranking_pairs"] = ranking_accuracy(run)
             m["ranking_seconds"] = time.time() - t
     m["skipped_updates"], m["seconds"], run.skipped = run.skipped, time.time() - t0, 0

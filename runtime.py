@@ -42,6 +42,15 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+@contextmanager
+def seeded(seed: int):
+    """Run the block under torch's random state seeded with `seed` (the CPU and every GPU); the caller's
+    state is restored on leaving, so its own stream is untouched."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
+
+
 # Data parallel (torchrun): every rank plays its own games into its own replay buffer, and
 # every update averages the ranks' gradients, so the replicas stay identical. Alone, these
 # two helpers are the identity.
