@@ -825,7 +825,8 @@ class Run:
         # --kl-coef: a frozen copy of the actor, set to the warm-started one after cloning
         self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False) if args.kl_coef > 0 and rule.uses_kl else None
         self.agent = rule.agent(self)
-        self.probe = probe_set(self, args.probe_states) if rule.uses_critic else []  # (state, utterances before it)
+        # (state, utterances before it); rank 0 alone: every rank would compute the same, and only rank 0 records it
+        self.probe = probe_set(self, args.probe_states) if rule.uses_critic and self.rank == 0 else []
         os.makedirs(args.out, exist_ok=True)
         self.buffer, self.log, self.extra = ReplayBuffer(args.buffer_size), [], {}  # extra: a rule's own state
         self.start_it, self.env_steps, self.best, self.skipped = 0, 0, None, 0  # best: (greedy success, return)
